@@ -1,0 +1,144 @@
+"""The objective registry: one uniform signature per policy objective.
+
+Every objective is a pure function
+
+    fn(x: TokenInputs, **params) -> ObjectiveOutput
+
+that returns the per-token loss ``L[b, t]`` (to minimise) and, where the objective switches a
+token off, the boolean tensor of switched-off tokens. Aggregation over tokens, input checks,
+rollout correction and metrics are shared and live in :mod:`drpo.objectives.api`.
+
+Users add their own objective with the same decorator the library uses::
+
+    @register_objective("my_pg")
+    def my_pg(x: TokenInputs, *, beta: float = 0.1) -> ObjectiveOutput:
+        return ObjectiveOutput(loss=-x.advantages * x.ratio + beta * (x.ratio - 1) ** 2)
+
+A *preset* is a registered name that calls another objective with other defaults
+(``grpo`` = ``ppo`` with 0.2/0.2, ``dapo`` = ``ppo`` with 0.2/0.28, ...).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclass
+class TokenInputs:
+    """Per-token inputs shared by every objective, all float32 and shaped (B, T).
+
+    Masked positions are sanitised (log-probs 0, advantage 0) so that padding garbage cannot
+    leak NaN/inf into the loss or its gradient.
+
+    log_prob          log pi(y_t)      -- differentiable, the trainer's current policy
+    behavior_log_prob log mu(y_t)      -- the anchor (rollout engine, or recomputed old policy)
+    log_ratio         log r = clamp(log pi - log mu, -20, 20)
+    ratio             r = pi / mu
+    prob, behavior_prob  pi(y_t), mu(y_t)
+    advantages        A, broadcast to (B, T)
+    mask              bool, True on response tokens
+    topk_*            optional DPPO Top-K inputs (see :func:`drpo.objectives.divergence.dppo`)
+    """
+
+    log_prob: torch.Tensor
+    behavior_log_prob: torch.Tensor
+    log_ratio: torch.Tensor
+    ratio: torch.Tensor
+    prob: torch.Tensor
+    behavior_prob: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    topk_log_prob: Optional[torch.Tensor] = None
+    behavior_topk_log_prob: Optional[torch.Tensor] = None
+    topk_ids: Optional[torch.Tensor] = None
+    sampled_ids: Optional[torch.Tensor] = None
+
+
+@dataclass
+class ObjectiveOutput:
+    """loss: per-token loss (B, T) to minimise. inactive: tokens the objective switched off
+    (clipped or masked: zero gradient by construction), or None if it never does.
+    metrics: extra objective-specific floats (e.g. ``penalty_mean``)."""
+
+    loss: torch.Tensor
+    inactive: Optional[torch.Tensor] = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+ObjectiveFn = Callable[..., ObjectiveOutput]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A registered objective: its function, its fixed preset parameters and its docs."""
+
+    name: str
+    fn: ObjectiveFn
+    preset: dict[str, Any]
+    doc: str
+
+    @property
+    def param_defaults(self) -> dict[str, Any]:
+        """Keyword parameters and their defaults (preset values override the function's)."""
+        sig = inspect.signature(self.fn)
+        out = {
+            p.name: p.default
+            for p in sig.parameters.values()
+            if p.kind == inspect.Parameter.KEYWORD_ONLY
+        }
+        out.update(self.preset)
+        return out
+
+    def resolve_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Merge user params over the defaults; unknown names are a ValueError that lists the known."""
+        known = self.param_defaults
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(
+                f"objective {self.name!r} got unknown parameter(s) {unknown}; "
+                f"its parameters are {sorted(known)}"
+            )
+        return {**known, **params}
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register_objective(name: str, **preset: Any) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Decorator registering ``fn`` under ``name`` (optionally with preset parameter values)."""
+
+    def deco(fn: ObjectiveFn) -> ObjectiveFn:
+        register_preset(name, fn, **preset)
+        return fn
+
+    return deco
+
+
+def register_preset(name: str, fn: ObjectiveFn | str, doc: str = "", **preset: Any) -> None:
+    """Register ``name`` as ``fn`` (or an already registered objective's name) with ``preset``."""
+    if isinstance(fn, str):
+        base = get_objective(fn)
+        fn, preset = base.fn, {**base.preset, **preset}
+    if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+        raise ValueError(f"objective {name!r} is already registered")
+    obj = Objective(name=name, fn=fn, preset=dict(preset), doc=doc or (fn.__doc__ or "").strip())
+    obj.resolve_params({})  # a preset naming a parameter the function lacks fails here
+    _REGISTRY[name] = obj
+
+
+def get_objective(name: str) -> Objective:
+    """The registered objective ``name``; ValueError listing the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown objective {name!r}; known objectives: {sorted(_REGISTRY)}"
+        ) from None
+
+
+def list_objectives() -> list[str]:
+    """Names of every registered objective and preset, sorted."""
+    return sorted(_REGISTRY)
