@@ -40,8 +40,9 @@ def trust_region_metrics(
     m = x.mask
     A, r = x.advantages, x.ratio.detach()
     shift = (x.prob - x.behavior_prob).detach()
-    has_signal = m & (A != 0)
-    denom = torch.where(has_signal, -A * r, torch.ones_like(r))
+    plain = -A * r  # the plain IS policy-gradient weight; tokens where it is 0 carry no signal
+    has_signal = m & (plain != 0)
+    denom = torch.where(has_signal, plain, torch.ones_like(r))
     weight = torch.where(has_signal, grad / denom, torch.zeros_like(r))
     inactive = torch.zeros_like(m) if inactive is None else inactive & m
     k3 = r - 1.0 - x.log_ratio.detach()
@@ -71,7 +72,7 @@ def trust_region_metrics(
     add("weight_min", torch.where(has_signal, weight, torch.full_like(r, float("inf"))).min())
     for name, lo, hi in MU_BUCKETS:
         b = m & (x.behavior_prob >= lo) & (x.behavior_prob < hi)
-        bs = b & (A != 0)
+        bs = b & has_signal
         add(f"{name}/token_frac", b.float().sum() / m.float().sum().clamp(min=1.0))
         add(f"{name}/abs_shift_mean", _masked_mean(shift.abs(), b))
         add(f"{name}/abs_ratio_dev_mean", _masked_mean((r - 1.0).abs(), b))
