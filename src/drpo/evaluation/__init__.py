@@ -1,1 +1,4 @@
-"""drpo.evaluation"""
+"""Evaluation: pass@k / avg@k and the sample-and-score loop."""
+from drpo.evaluation.metrics import EvalResult, GenerateFn, avg_at_k, evaluate, pass_at_k
+
+__all__ = ["EvalResult", "GenerateFn", "avg_at_k", "evaluate", "pass_at_k"]
