@@ -1,0 +1,142 @@
+"""The ``drpo`` command line: train, eval, compare, geometry, objectives."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Trust-region objectives (DRPO, DPPO, SPO, PPO, ...) and a compact RL trainer for LLMs.")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(msg, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file"),
+    model: Optional[str] = typer.Option(None, "--model", help="'builtin', a local folder, or a hub id"),
+    out: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<objective>-<time>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. train.lr=1e-4"),
+) -> None:
+    """Run RL training (default: DRPO on the built-in arithmetic task with the built-in model)."""
+    from drpo.training.config import ConfigError, load_config
+    from drpo.training.trainer import Trainer, TrainingDiverged, default_out
+
+    items = list(overrides or [])
+    if model is not None:
+        items.append(f"model={model}")
+    if out is not None:
+        items.append(f"out={out}")
+    try:
+        cfg = load_config(config, items)
+    except ConfigError as e:
+        _fail(str(e))
+    if cfg.out is None:
+        if resume:
+            _fail("--resume needs --out (the run directory to continue)")
+        cfg.out = default_out(cfg)
+    try:
+        trainer = Trainer(cfg, resume=resume)
+        summary = trainer.train()
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        _fail(f"error: {e}")
+    except TrainingDiverged as e:
+        typer.secho(f"training stopped: {e}. Metrics logged so far are in {cfg.out}/metrics.jsonl",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
+    before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
+    typer.echo(f"run directory: {summary['out']}")
+    if before is not None:
+        typer.echo(f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
+                   f"({100 * (after - before):+.1f} points)")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option("builtin", "--model", help="'builtin', a folder (e.g. a checkpoint), or a hub id"),
+    benchmark: str = typer.Option("builtin", "--benchmark", "-b",
+                                  help="builtin, aime24, aime25, amc23, math500, gsm8k, or a .jsonl path"),
+    k: int = typer.Option(4, "--k", help="samples per problem (avg@k, pass@k)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="first N problems only"),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens"),
+    precision: str = typer.Option("fp32", "--precision", help="rollout precision: fp32, bf16, fp8"),
+    chat_template: bool = typer.Option(False, "--chat-template/--no-chat-template"),
+    question_field: str = typer.Option("problem", "--question-field"),
+    answer_field: str = typer.Option("answer", "--answer-field"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the result JSON here"),
+) -> None:
+    """avg@k and pass@k of a model on a benchmark."""
+    from drpo.evaluation.run import run_eval
+
+    try:
+        res = run_eval(model=model, benchmark=benchmark, k=k, limit=limit, temperature=temperature, top_p=top_p,
+                       max_new_tokens=max_new_tokens, precision=precision, chat_template=chat_template,
+                       question_field=question_field, answer_field=answer_field, seed=seed)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(f"error: {e}")
+    d = res.to_dict()
+    d.pop("per_example", None)
+    typer.echo(json.dumps(d, indent=1))
+    if out:
+        out.write_text(json.dumps(res.to_dict(), indent=1))
+
+
+@app.command()
+def geometry(out: Path = typer.Option(Path("docs/figures"), "--out", help="folder for the PNG")) -> None:
+    """Plot the per-token gradient weight of PPO, DPPO, SPO and DRPO; print the table."""
+    from drpo.experiments.geometry import run_geometry
+
+    run_geometry(out)
+
+
+@app.command()
+def objectives() -> None:
+    """List the registered objectives with their parameters."""
+    from drpo.objectives import get_objective, list_objectives
+
+    for name in list_objectives():
+        obj = get_objective(name)
+        params = ", ".join(f"{k}={v!r}" for k, v in obj.param_defaults.items())
+        typer.echo(f"{name:18s} {params}")
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def compare(
+    grid: str = typer.Option("default", "--grid", help="grid name (default, quick, ...) or a YAML file"),
+    out: Path = typer.Option(Path("runs/compare"), "--out"),
+    quick: bool = typer.Option(False, "--quick", help="the 2-method, 2-seed slice (a few minutes)"),
+    workers: int = typer.Option(1, "--workers", help="runs in parallel (each uses 1 thread)"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the Markdown report here"),
+    report_only: bool = typer.Option(False, "--report-only", help="only rebuild the report from finished runs"),
+) -> None:
+    """Run a methods x settings x seeds grid (resumable) and write the report."""
+    from drpo.experiments.compare import run_compare
+
+    try:
+        run_compare(grid="quick" if quick else grid, out=out, workers=workers, report=report,
+                    report_only=report_only)
+    except ValueError as e:
+        _fail(f"error: {e}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

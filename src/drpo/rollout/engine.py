@@ -1,0 +1,200 @@
+"""The rollout engine: batched KV-cached sampling that returns its OWN log-probs mu.
+
+The engine keeps a private copy of the policy at its own precision (fp32 / bf16 / simulated FP8,
+see :mod:`drpo.rollout.precision`), independent of the trainer's, exactly like vLLM/SGLang next
+to an FSDP trainer. After each optimiser step the trainer calls :meth:`HFRolloutEngine.sync` to
+copy its weights in (and re-quantise them).
+
+mu is the probability of the sampled token under the distribution actually sampled from:
+softmax(logits / temperature), restricted and renormalised by top-k / top-p when they are set.
+The trainer computes pi with the same temperature, so with fp32 on both sides and no top-k/top-p,
+mu == pi at the first minibatch up to float error.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from drpo.rollout.precision import PRECISIONS, quantize_weights_, use_bf16_compute_
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 16
+    n: int = 1  # samples per prompt
+    logprobs_topk: int = 0  # also return the engine's top-K log-probs and ids (DPPO Top-K)
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.max_new_tokens < 1 or self.n < 1 or self.logprobs_topk < 0:
+            raise ValueError(f"top_k, logprobs_topk must be >= 0 and max_new_tokens, n >= 1: {self}")
+
+
+@dataclass
+class RolloutBatch:
+    """Sequences are laid out as [left-padded prompt | response, right-padded after EOS].
+
+    prompt_ids      (N, P)  left-padded with pad_id;  prompt_mask (N, P)
+    response_ids    (N, R)  sampled tokens (EOS included), pad after;  response_mask (N, R)
+    behavior_log_prob (N, R) log mu of each sampled token (0 where masked)
+    topk_log_prob / topk_ids (N, R, K) the engine's top-K, when asked
+    prompt_index    (N,)    which input prompt each row came from (rows of one prompt are adjacent)
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    behavior_log_prob: torch.Tensor
+    prompt_index: torch.Tensor
+    topk_log_prob: Optional[torch.Tensor] = None
+    topk_ids: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "RolloutBatch":
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return RolloutBatch(*(pick(getattr(self, f)) for f in (
+            "prompt_ids", "prompt_mask", "response_ids", "response_mask", "behavior_log_prob",
+            "prompt_index", "topk_log_prob", "topk_ids")))
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, P) ids and mask with every sequence right-aligned."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, P - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, P - len(s):] = 1
+    return ids, mask
+
+
+def sampling_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """log of the distribution sampled from: softmax(logits / T), top-k then top-p truncated."""
+    z = logits.float() / p.temperature
+    if p.top_k and p.top_k < z.shape[-1]:
+        kth = torch.topk(z, p.top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(sorted_z, dim=-1)
+        drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_z = sorted_z.masked_fill(drop, float("-inf"))
+        z = torch.full_like(z, float("-inf")).scatter(-1, order, sorted_z)
+    return torch.log_softmax(z, dim=-1)
+
+
+class HFRolloutEngine:
+    """Sampling from a private copy of a Hugging Face causal LM at a chosen precision."""
+
+    def __init__(self, model: nn.Module, *, precision: str = "fp32", eos_id: int, pad_id: int,
+                 max_batch: int = 256) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown rollout precision {precision!r}; known: {list(PRECISIONS)}")
+        self.precision = precision
+        self.eos_id, self.pad_id, self.max_batch = eos_id, pad_id, max_batch
+        self.model = copy.deepcopy(model).float().eval()
+        for prm in self.model.parameters():
+            prm.requires_grad_(False)
+        if precision != "fp32":
+            use_bf16_compute_(self.model, round_weights=False)  # weights are rounded once, in sync()
+        self.sync(model)
+
+    @torch.no_grad()
+    def sync(self, model: nn.Module) -> None:
+        """Copy the trainer's weights in and quantise them to the engine's precision."""
+        src = {k: v for k, v in model.state_dict().items()}
+        missing = self.model.load_state_dict(src, strict=False)
+        if missing.missing_keys:
+            raise RuntimeError(f"engine sync: trainer state lacks {missing.missing_keys[:5]}")
+        quantize_weights_(self.model, self.precision)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 generator: Optional[torch.Generator] = None) -> RolloutBatch:
+        """Sample ``params.n`` responses per prompt (token ids). Rows of one prompt are adjacent."""
+        if not prompts:
+            raise ValueError("generate() needs at least one prompt")
+        rows = [i for i in range(len(prompts)) for _ in range(params.n)]
+        parts = [self._generate_chunk([prompts[i] for i in rows[s:s + self.max_batch]], params, generator)
+                 for s in range(0, len(rows), self.max_batch)]
+        out = _concat(parts, self.pad_id)
+        out.prompt_index = torch.tensor(rows, dtype=torch.long)
+        return out
+
+    def _generate_chunk(self, prompts, params: SamplingParams, generator) -> RolloutBatch:
+        device = next(self.model.parameters()).device
+        ids, mask = left_pad(prompts, self.pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        N = ids.shape[0]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = pos[:, -1:] + 1
+        done = torch.zeros(N, dtype=torch.bool, device=device)
+        toks, lps, tk_lp, tk_id, alive = [], [], [], [], []
+        attn = mask
+        for _ in range(params.max_new_tokens):
+            logp = sampling_logprobs(logits, params)
+            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            alive.append(~done)
+            toks.append(tok)
+            lps.append(torch.where(done, 0.0, logp.gather(-1, tok[:, None]).squeeze(-1)))
+            if params.logprobs_topk:
+                v, i = torch.topk(logp, params.logprobs_topk, dim=-1)
+                tk_lp.append(v)
+                tk_id.append(i)
+            done = done | (tok == self.eos_id)
+            if bool(done.all()):
+                break
+            attn = torch.cat([attn, torch.ones((N, 1), dtype=attn.dtype, device=device)], dim=-1)
+            out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
+                             past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+            next_pos = next_pos + 1
+        return RolloutBatch(
+            prompt_ids=ids.cpu(), prompt_mask=mask.cpu(),
+            response_ids=torch.stack(toks, 1).cpu(), response_mask=torch.stack(alive, 1).long().cpu(),
+            behavior_log_prob=torch.stack(lps, 1).cpu(), prompt_index=torch.zeros(N, dtype=torch.long),
+            topk_log_prob=torch.stack(tk_lp, 1).cpu() if tk_lp else None,
+            topk_ids=torch.stack(tk_id, 1).cpu() if tk_id else None,
+        )
+
+
+def _pad_to(t: torch.Tensor, length: int, value, left: bool) -> torch.Tensor:
+    extra = length - t.shape[1]
+    if extra == 0:
+        return t
+    pad = torch.full((t.shape[0], extra, *t.shape[2:]), value, dtype=t.dtype)
+    return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+
+def _concat(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p.prompt_ids.shape[1] for p in parts)
+    R = max(p.response_ids.shape[1] for p in parts)
+    cat = lambda f, L, v, left: torch.cat([_pad_to(getattr(p, f), L, v, left) for p in parts])  # noqa: E731
+    has_topk = parts[0].topk_ids is not None
+    return RolloutBatch(
+        prompt_ids=cat("prompt_ids", P, pad_id, True), prompt_mask=cat("prompt_mask", P, 0, True),
+        response_ids=cat("response_ids", R, pad_id, False), response_mask=cat("response_mask", R, 0, False),
+        behavior_log_prob=cat("behavior_log_prob", R, 0.0, False),
+        prompt_index=torch.cat([p.prompt_index for p in parts]),
+        topk_log_prob=cat("topk_log_prob", R, 0.0, False) if has_topk else None,
+        topk_ids=cat("topk_ids", R, 0, False) if has_topk else None,
+    )

@@ -1,0 +1,97 @@
+"""Numeric precision of a model copy: fp32, bf16, or simulated FP8, as an inference engine runs it.
+
+On a CPU there is no fast bf16/fp8 matmul, so low precision is *simulated*: values are rounded to
+the low-precision grid and the arithmetic runs in float32.
+
+    fp32  weights and activations in float32 (no change).
+    bf16  every Linear/Embedding weight rounded to bfloat16; every Linear's input and output
+          rounded to bfloat16 (bf16 compute with fp32 accumulation).
+    fp8   weights quantised to float8 e4m3 with a per-output-channel scale
+              s_o = max_i |W_oi| / 448,   W_oi <- s_o * e4m3(W_oi / s_o)
+          then bf16 activations as above (the W8A16 scheme inference engines use).
+
+The same rounding with a straight-through gradient (:class:`RoundSTE`) gives a "bf16 trainer"
+that keeps fp32 master weights.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16", "fp8")
+FP8_MAX = 448.0  # largest finite float8 e4m3fn value
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round float values to the nearest value representable in ``dtype``, returned in x's dtype."""
+    return x.to(dtype).to(x.dtype)
+
+
+def quantize_fp8_per_channel(w: torch.Tensor) -> torch.Tensor:
+    """Fake-quantise a (out, in) weight to float8 e4m3 with one scale per output channel."""
+    w32 = w.float()
+    scale = (w32.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    q = (w32 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    return (q * scale).to(w.dtype)
+
+
+class RoundSTE(torch.autograd.Function):
+    """Forward: round to bf16 values. Backward: identity (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return round_to(x, torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return g
+
+
+def _weight_modules(model: nn.Module) -> Iterable[nn.Module]:
+    return (m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding)))
+
+
+@torch.no_grad()
+def quantize_weights_(model: nn.Module, precision: str) -> None:
+    """Round the weights of every Linear/Embedding in place for ``precision`` (fp32: no-op).
+    Norm weights stay in float32, as inference engines keep them."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; known: {list(PRECISIONS)}")
+    if precision == "fp32":
+        return
+    seen: set[int] = set()
+    for m in _weight_modules(model):
+        w = m.weight
+        if id(w) in seen:  # tied embeddings / LM head: quantise once
+            continue
+        seen.add(id(w))
+        if precision == "fp8" and isinstance(m, nn.Linear):
+            w.copy_(quantize_fp8_per_channel(w))
+        else:
+            w.copy_(round_to(w, torch.bfloat16))
+
+
+def _bf16_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    w = RoundSTE.apply(self.weight) if self._drpo_round_weight else self.weight
+    return RoundSTE.apply(nn.functional.linear(RoundSTE.apply(x), w, self.bias))
+
+
+def _bf16_embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    return RoundSTE.apply(nn.Embedding.forward(self, ids))
+
+
+def use_bf16_compute_(model: nn.Module, *, round_weights: bool) -> None:
+    """Make every Linear compute as bf16 hardware would: inputs and outputs rounded to bf16
+    (fp32 accumulation), and with ``round_weights`` the weights too, on the fly (straight-through
+    gradient, so float32 master weights train). Embedding outputs are rounded likewise.
+    Only the instances' ``forward`` changes: parameters and state_dict keep their names."""
+    import types
+
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m._drpo_round_weight = round_weights
+            m.forward = types.MethodType(_bf16_linear_forward, m)
+        elif isinstance(m, nn.Embedding):
+            m.forward = types.MethodType(_bf16_embedding_forward, m)

@@ -1,0 +1,73 @@
+"""Prompt sources for the trainer: deterministic in (seed, step), so a resumed run sees the same data.
+
+    ArithmeticPrompts  the built-in task: batch ``step`` is drawn with an RNG seeded by (seed, step)
+    JsonlPrompts       a jsonl dataset: one seeded permutation per epoch, batch ``step`` is the
+                       ``step``-th slice of the concatenated epochs
+"""
+from __future__ import annotations
+
+import random
+from typing import Protocol, Sequence
+
+from drpo.tasks.base import Example
+from drpo.training.config import TaskConfig
+
+
+class PromptSource(Protocol):
+    def train_batch(self, step: int, n: int) -> list[Example]: ...
+    def heldout(self, n: int) -> list[Example]: ...
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A distinct, reproducible seed per (run seed, step, purpose)."""
+    return (seed * 1_000_003 + step * 7_919 + salt * 104_729) % (2**31 - 1)
+
+
+class ArithmeticPrompts:
+    def __init__(self, difficulty: int, seed: int) -> None:
+        from drpo.tasks.arithmetic import ArithmeticTask
+
+        self.task = ArithmeticTask(difficulty=difficulty, seed=seed)
+        self.seed = seed
+
+    def train_batch(self, step: int, n: int) -> list[Example]:
+        return self.task.train_examples(n, rng=random.Random(step_seed(self.seed, step, salt=1)))
+
+    def heldout(self, n: int) -> list[Example]:
+        return self.task.heldout(n)
+
+
+class JsonlPrompts:
+    def __init__(self, train: Sequence[Example], heldout: Sequence[Example], seed: int) -> None:
+        if not train:
+            raise ValueError("the training dataset is empty")
+        self.train, self._heldout, self.seed = list(train), list(heldout), seed
+        self._orders: dict[int, list[int]] = {}
+
+    def train_batch(self, step: int, n: int) -> list[Example]:
+        out, L = [], len(self.train)
+        for j in range(step * n, (step + 1) * n):
+            epoch, i = divmod(j, L)
+            out.append(self.train[self._order(epoch)[i]])
+        return out
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.train)))
+            random.Random(step_seed(self.seed, epoch, salt=2)).shuffle(order)
+            self._orders = {epoch: order}  # only the current epoch is kept
+        return self._orders[epoch]
+
+    def heldout(self, n: int) -> list[Example]:
+        return self._heldout[:n]
+
+
+def make_prompts(task: TaskConfig, seed: int) -> PromptSource:
+    if task.name == "arithmetic":
+        return ArithmeticPrompts(task.difficulty, seed)
+    from drpo.tasks.datasets import load_jsonl
+
+    kw = dict(question_field=task.question_field, answer_field=task.answer_field, template=task.template)
+    train = load_jsonl(task.path, **kw)
+    heldout = load_jsonl(task.eval_path, **kw) if task.eval_path else []
+    return JsonlPrompts(train, heldout, seed)

@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny Qwen3 built from a config and saved with save_pretrained, so the
+trainer loads it by path through the same code a hub id takes (no download)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from drpo.models.tiny import build_tiny_model, tiny_qwen3_config
+    from drpo.models.tokenizer import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_qwen3")
+    tok = build_tokenizer()
+    cfg = tiny_qwen3_config(len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=16, intermediate_size=64,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    model = build_tiny_model(cfg, seed=0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,136 @@
+"""The rollout engine: sampling, masks, mu vs pi per precision."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from drpo.rollout.engine import HFRolloutEngine, SamplingParams, left_pad, sampling_logprobs
+from drpo.rollout.precision import quantize_fp8_per_channel
+from drpo.training.logprobs import response_logprobs
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    # sharpen the random model a little so that probabilities are not all ~1/V
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(8.0)
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in
+               ["Q : Maria has 12 apples . A :", "Problem : compute 3 + 4 . Answer :", "Q : 5 - 2 ? A :"]]
+    return tok, model, prompts
+
+
+def _engine(model, tok, precision):
+    return HFRolloutEngine(model, precision=precision, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+
+
+def _pi(model, batch, temperature=1.0):
+    with torch.no_grad():
+        lp, _, _ = response_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                     batch.response_mask, temperature=temperature)
+    return lp
+
+
+def test_fp32_engine_mu_equals_trainer_pi(policy):
+    tok, model, prompts = policy
+    eng = _engine(model, tok, "fp32")
+    for temp in (1.0, 0.7):
+        b = eng.generate(prompts, SamplingParams(n=4, max_new_tokens=10, temperature=temp), torch.Generator().manual_seed(0))
+        m = b.response_mask.bool()
+        diff = (b.behavior_log_prob - _pi(model, b, temp)).abs()[m]
+        assert diff.max() < 1e-4, diff.max()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_low_precision_engine_really_differs(policy, precision):
+    tok, model, prompts = policy
+    b = _engine(model, tok, precision).generate(prompts, SamplingParams(n=4, max_new_tokens=10),
+                                                torch.Generator().manual_seed(0))
+    m = b.response_mask.bool()
+    shift = (b.behavior_log_prob.exp() - _pi(model, b).exp()).abs()[m]
+    assert shift.mean() > 1e-5
+    assert (b.behavior_log_prob - _pi(model, b)).abs()[m].max() > 1e-4
+
+
+def test_fp8_mismatch_larger_than_bf16(policy):
+    tok, model, prompts = policy
+    out = {}
+    for p in ("bf16", "fp8"):
+        b = _engine(model, tok, p).generate(prompts * 4, SamplingParams(n=4, max_new_tokens=10),
+                                            torch.Generator().manual_seed(1))
+        m = b.response_mask.bool()
+        out[p] = (b.behavior_log_prob - _pi(model, b)).abs()[m].mean()
+    assert out["fp8"] > out["bf16"]
+
+
+def test_fp8_quantisation_grid():
+    w = torch.randn(8, 16)
+    q = quantize_fp8_per_channel(w)
+    scale = w.abs().amax(-1, keepdim=True) / 448.0
+    grid = (q / scale).to(torch.float8_e4m3fn).float() * scale
+    torch.testing.assert_close(q, grid)
+    assert (q - w).abs().max() > 0
+    assert ((q - w).abs() / w.abs().clamp(min=1e-3)).median() < 0.07  # e4m3: 3 mantissa bits
+
+
+def test_sampling_layout_eos_and_masks(policy):
+    tok, model, prompts = policy
+    eng = _engine(model, tok, "fp32")
+    b = eng.generate(prompts, SamplingParams(n=3, max_new_tokens=12), torch.Generator().manual_seed(2))
+    assert len(b) == 9 and b.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for i in range(len(b)):
+        ids, m = b.response_ids[i], b.response_mask[i].bool()
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()  # contiguous
+        eos = (ids[:n] == tok.eos_token_id).nonzero()
+        if len(eos):  # stops right at the first EOS
+            assert int(eos[0]) == n - 1
+        else:
+            assert n == 12 or n == b.response_ids.shape[1]
+        assert (b.behavior_log_prob[i][~m] == 0).all()
+    # prompts right-aligned
+    assert (b.prompt_mask[:, -1] == 1).all()
+
+
+def test_sampling_is_reproducible_with_a_generator(policy):
+    tok, model, prompts = policy
+    eng = _engine(model, tok, "fp32")
+    p = SamplingParams(n=2, max_new_tokens=8)
+    a = eng.generate(prompts, p, torch.Generator().manual_seed(5))
+    b = eng.generate(prompts, p, torch.Generator().manual_seed(5))
+    assert torch.equal(a.response_ids, b.response_ids)
+
+
+def test_top_k_top_p_distribution():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    lp = sampling_logprobs(logits, SamplingParams(top_k=2))
+    assert torch.isinf(lp[0, 2:]).all() and torch.allclose(lp.exp().sum(), torch.tensor(1.0))
+    lp = sampling_logprobs(logits, SamplingParams(top_p=0.8))
+    probs = torch.softmax(logits, -1)[0]
+    kept = int((probs.cumsum(0) - probs <= 0.8).sum())
+    assert torch.isfinite(lp[0, :kept]).all() and torch.isinf(lp[0, kept:]).all()
+    assert torch.allclose(lp.exp().sum(), torch.tensor(1.0))
+
+
+def test_topk_logprobs_returned(policy):
+    tok, model, prompts = policy
+    b = _engine(model, tok, "fp32").generate(prompts, SamplingParams(n=1, max_new_tokens=5, logprobs_topk=3),
+                                             torch.Generator().manual_seed(0))
+    assert b.topk_ids.shape[-1] == 3 and b.topk_log_prob.shape == b.topk_ids.shape
+    assert (b.topk_log_prob[..., 0] >= b.topk_log_prob[..., 1]).all()
+
+
+def test_bad_sampling_params():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(ValueError, match="unknown rollout precision"):
+        HFRolloutEngine(torch.nn.Linear(2, 2), precision="fp4", eos_id=0, pad_id=0)
+
+
+def test_left_pad():
+    ids, m = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and m.tolist() == [[1, 1, 1], [0, 0, 1]]
