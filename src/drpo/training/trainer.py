@@ -82,6 +82,8 @@ class Trainer:
         self.model.train()
 
         self.prompts = make_prompts(cfg.task, cfg.seed)
+        for ex in getattr(self.prompts, "train", []):  # a dataset: check every prompt's length up front
+            self.encode(ex)
         self.reward_fn = math_reward
         self.sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
@@ -225,7 +227,7 @@ class Trainer:
                             raise TrainingDiverged(f"step {step}: {e}") from None
                         raise
                     if not torch.isfinite(loss):
-                        raise TrainingDiverged(f"step {step}: the loss is {float(loss)}")
+                        raise TrainingDiverged(f"step {step}: the loss is {float(loss.detach())}")
                     loss.backward()
                     w = float(mb.response_mask.sum())
                     lm["entropy"] = float((ent.detach() * mb.response_mask).sum() / max(w, 1.0))
