@@ -136,3 +136,14 @@ def test_cli_train_runs_on_a_local_model(tiny_model_dir, tmp_path):
                                    "rollout.max_new_tokens=4", "eval.every=1", "eval.prompts=4", "progress=false"])
     assert res.exit_code == 0, res.output
     assert "held-out accuracy: before" in res.output
+
+
+def test_eval_command_on_a_local_model(tiny_model_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    res = CliRunner().invoke(app, ["eval", "--model", tiny_model_dir, "--benchmark", "aime24", "--k", "2",
+                                   "--limit", "3", "--max-new-tokens", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    d = json.loads(out.read_text())
+    assert d["n"] == 3 and d["k"] == 2 and 0.0 <= d["avg_at_k"] <= d["pass_at_k"] <= 1.0
+    res = CliRunner().invoke(app, ["eval", "--model", tiny_model_dir, "--benchmark", "nope"])
+    assert res.exit_code == 2 and "unknown benchmark" in res.output

@@ -21,6 +21,8 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
+from drpo.evaluation.metrics import evaluate
+from drpo.evaluation.run import encoder, make_generate_fn
 from drpo.objectives import RolloutCorrection, policy_loss
 from drpo.rewards.base import math_reward, score_batch
 from drpo.rollout.engine import RolloutBatch, SamplingParams
@@ -45,7 +47,7 @@ class TrainingDiverged(RuntimeError):
 class EvalSummary:
     accuracy: float
     n: int
-    mean_length: float
+    mean_length: float  # characters of the decoded responses
 
 
 def default_out(cfg: RunConfig) -> str:
@@ -82,6 +84,7 @@ class Trainer:
         self.model.train()
 
         self.prompts = make_prompts(cfg.task, cfg.seed)
+        self._encode_text = encoder(self.tokenizer, cfg.task.chat_template)
         for ex in getattr(self.prompts, "train", []):  # a dataset: check every prompt's length up front
             self.encode(ex)
         self.reward_fn = math_reward
@@ -103,11 +106,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ data helpers
     def encode(self, ex: Example) -> list[int]:
-        if self.cfg.task.chat_template and getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}],
-                                                     add_generation_prompt=True, tokenize=True)
-        else:
-            ids = self.tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        ids = self._encode_text(ex.prompt)
         limit = self.cfg.task.max_prompt_tokens
         if len(ids) > limit:
             raise ValueError(f"prompt of example {ex.id or ex.prompt[:40]!r} has {len(ids)} tokens, "
@@ -259,20 +258,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> EvalSummary:
+        """Held-out accuracy (avg@samples) of the deployed policy: the rollout engine, at its precision,
+        with a fixed sampling seed so that successive evaluations differ only by the weights."""
         e = self.cfg.eval
         if self._heldout_cache is None:
             self._heldout_cache = self.prompts.heldout(e.prompts)
-        examples = self._heldout_cache
-        if not examples:
+        if not self._heldout_cache:
             return EvalSummary(float("nan"), 0, float("nan"))
-        params = SamplingParams(temperature=e.temperature, max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens,
-                                n=e.samples)
+        params = SamplingParams(temperature=e.temperature,
+                                max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens)
         gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, 0, salt=5))
-        batch = self.engine.generate([self.encode(x) for x in examples], params, gen)
-        texts = self.decode(batch)
-        rewards, _ = score_batch(self.reward_fn, [examples[i] for i in batch.prompt_index.tolist()], texts)
-        return EvalSummary(sum(rewards) / len(rewards), len(examples),
-                           float(batch.response_mask.sum(-1).float().mean()))
+        generate = make_generate_fn(self.engine, self.tokenizer, lambda p: self.encode(Example(p, "")), params, gen)
+        res = evaluate(generate, self._heldout_cache, k=e.samples, reward_fn=self.reward_fn,
+                       batch_size=max(1, self.cfg.rollout.max_batch // e.samples), progress=False)
+        lengths = [len(r) for row in res.per_example for r in row["responses"]]
+        return EvalSummary(res.avg_at_k, res.n, sum(lengths) / max(len(lengths), 1))
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int) -> Path:
