@@ -134,3 +134,10 @@ def test_bad_sampling_params():
 def test_left_pad():
     ids, m = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and m.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_vllm_engine_without_vllm_or_gpu_is_a_clear_error():
+    from drpo.rollout.vllm_engine import VLLMEngine
+
+    with pytest.raises(RuntimeError, match="vllm"):
+        VLLMEngine(torch.nn.Linear(2, 2), precision="bf16", eos_id=0, pad_id=0)
