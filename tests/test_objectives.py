@@ -435,3 +435,14 @@ def test_user_registered_objective():
     with pytest.raises(ValueError, match="already registered"):
         drpo.register_objective("drpo")(scaled)
     assert get_objective("test_scaled_pg").param_defaults == {"scale": 2.0}
+
+
+def test_token_weights_multiply_the_per_token_loss():
+    lp, blp, adv, mask = make_batch(16)
+    w = torch.rand(lp.shape, generator=torch.Generator().manual_seed(0)) * 2
+    leaf = lp.clone().requires_grad_(True)
+    loss, m = policy_loss("drpo", leaf, blp, adv, mask, agg_mode="token-sum", token_weights=w, delta=0.5)
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, token_grad("drpo", lp, blp, adv, mask, delta=0.5) * w * mask)
+    with pytest.raises(ValueError, match="token_weights has shape"):
+        policy_loss("drpo", lp, blp, adv, mask, token_weights=w[:, :2])

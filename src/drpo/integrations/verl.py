@@ -35,9 +35,8 @@ from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_lo
 from verl.workers.config import PolicyLossConfig
 
 import drpo
-from drpo.objectives import aggregate, get_objective
-from drpo.objectives.api import DEFAULT_REPORT_BOUNDARY, build_inputs, per_token_grad
-from drpo.objectives.metrics import trust_region_metrics
+from drpo.objectives import get_objective
+from drpo.objectives.api import DEFAULT_REPORT_BOUNDARY
 
 METRIC_PREFIX = "actor/drpo/"
 # Our methods: registered in verl under their own names (verl has none of them).
@@ -111,27 +110,6 @@ def _check_counts(agg_mode: str, dp_size: int, counts: dict[str, Optional[float]
                          "counts in config.global_batch_info (verl sets them in ppo_loss)")
 
 
-def _weighted_policy_loss(
-    name: str, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-    mask: torch.Tensor, weights: torch.Tensor, *, agg_mode: str, compute_metrics: bool,
-    report_boundary: float, counts: dict[str, Optional[float]], params: dict[str, Any],
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """:func:`drpo.policy_loss` with verl's precomputed per-token ``rollout_is_weights``
-    multiplied into the per-token loss before aggregation (as verl's own losses do)."""
-    obj = get_objective(name)
-    p = obj.resolve_params(params)
-    x = build_inputs(log_prob, old_log_prob, advantages, mask)
-    out = obj.fn(x, **p)
-    w = weights.detach().float()
-    loss = aggregate(out.loss * w, x.mask, agg_mode, **counts)
-    if not compute_metrics:
-        return loss, {}
-    metrics = trust_region_metrics(x, per_token_grad(obj, x, p, w), out.inactive, report_boundary)
-    metrics.update(out.metrics)
-    metrics["loss"] = float(loss.detach())
-    return loss, metrics
-
-
 def make_verl_loss(objective: str) -> Callable[..., tuple[torch.Tensor, dict[str, float]]]:
     """A verl policy-loss function (verl's ``PolicyLossFn`` signature) computing ``objective``."""
     get_objective(objective)  # fail early on a typo
@@ -149,13 +127,8 @@ def make_verl_loss(objective: str) -> Callable[..., tuple[torch.Tensor, dict[str
         dp_size, counts = _global_counts(config)
         _check_counts(loss_agg_mode, dp_size, counts)
         common = dict(agg_mode=loss_agg_mode, compute_metrics=compute_metrics, report_boundary=boundary)
-        if rollout_is_weights is None:
-            loss, metrics = drpo.policy_loss(objective, log_prob, old_log_prob, advantages, response_mask,
-                                             **common, **counts, **params)
-        else:
-            loss, metrics = _weighted_policy_loss(objective, log_prob, old_log_prob, advantages,
-                                                  response_mask, rollout_is_weights, **common,
-                                                  counts=counts, params=params)
+        loss, metrics = drpo.policy_loss(objective, log_prob, old_log_prob, advantages, response_mask,
+                                         token_weights=rollout_is_weights, **common, **counts, **params)
         return loss * dp_size, {METRIC_PREFIX + k: v for k, v in metrics.items()}
 
     loss_fn.__name__ = f"drpo_verl_{objective}"

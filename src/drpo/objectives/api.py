@@ -130,6 +130,7 @@ def policy_loss(
     behavior_topk_log_prob: Optional[torch.Tensor] = None,
     topk_ids: Optional[torch.Tensor] = None,
     sampled_ids: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
     compute_metrics: bool = True,
     report_boundary: float = DEFAULT_REPORT_BOUNDARY,
     **params: Any,
@@ -151,6 +152,8 @@ def policy_loss(
             (:class:`RolloutCorrection`: token/sequence TIS or MIS/IcePop).
         topk_log_prob, behavior_topk_log_prob, topk_ids, sampled_ids: (B, T, K)/(B, T) inputs
             of DPPO's Top-K divergences.
+        token_weights: optional (B, T) detached per-token weights multiplying the per-token loss
+            (e.g. a framework's precomputed rollout importance weights), like rollout correction.
         compute_metrics: False skips the metrics (one extra elementwise backward).
         report_boundary: the |pi - mu| threshold of the ``beyond_*`` metrics (same for all
             objectives, so runs compare).
@@ -176,6 +179,13 @@ def policy_loss(
         rc_weights, rc_metrics = correction_weights(x.behavior_log_prob, rollout_log_prob, x.mask,
                                                     rollout_correction)
         loss_mat = loss_mat * rc_weights
+    if token_weights is not None:
+        if token_weights.shape != log_prob.shape:
+            raise ValueError(f"token_weights has shape {tuple(token_weights.shape)}, expected {tuple(log_prob.shape)}")
+        _finite_where(token_weights, x.mask, "token_weights")
+        tw = torch.where(x.mask, token_weights.detach().float(), 0.0)
+        loss_mat = loss_mat * tw
+        rc_weights = tw if rc_weights is None else rc_weights * tw
     loss = aggregate(loss_mat, x.mask, agg_mode, global_token_count=global_token_count,
                      global_seq_count=global_seq_count, horizon=horizon)
     if not compute_metrics:
