@@ -1,0 +1,217 @@
+"""Supervised warm start of the tiny built-in model, cached on disk.
+
+RL needs a policy that already succeeds sometimes. ``warm_start`` trains the tiny Qwen3
+model (AdamW, loss on response tokens) to imitate the arithmetic task's reference responses
+and stops as soon as its held-out *sampled* (temperature 1) exact-match accuracy reaches
+``stop_at`` inside ``target_band``: a policy that knows much of the answer (its greedy accuracy
+is clearly higher) but is still diffuse, which RL at temperature 1 can sharpen.
+
+The result (model + tokenizer via ``save_pretrained``, plus ``warmstart.json``) is cached under
+``cache_dir/warmstart-<key>``, where the key hashes everything that determines it: model
+config, vocabulary, task settings, seed, hyperparameters and :data:`CODE_VERSION`. A run is
+written to a temporary folder and renamed into place, so an interrupted run leaves no half cache.
+
+Determinism: given the seed the run is reproducible on one machine with one torch thread count;
+CPU reductions are ordered differently with other thread counts, so results (and the stopping
+step) can differ slightly between machines.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3ForCausalLM
+
+from drpo.models.tiny import build_tiny_model, tiny_qwen3_config
+from drpo.models.tokenizer import build_tokenizer
+from drpo.tasks.arithmetic import ArithmeticTask
+from drpo.tasks.base import Example
+
+CODE_VERSION = "warmstart-v1"
+MU_TAIL = 0.01
+_BOXED = re.compile(r"\\boxed\{\s*([^{}]*?)\s*\}")
+
+
+@dataclass(frozen=True)
+class WarmStartHParams:
+    """Training and evaluation settings (all part of the cache key)."""
+
+    difficulty: int = 2
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    max_steps: int = 3000
+    eval_every: int = 10
+    n_eval: int = 128
+    n_final_eval: int = 512
+    max_new_tokens: int = 16
+
+
+def default_cache_dir() -> Path:
+    """``$DRPO_CACHE_DIR`` or ``~/.cache/drpo``."""
+    return Path(os.environ.get("DRPO_CACHE_DIR", Path.home() / ".cache" / "drpo"))
+
+
+def boxed_answer(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text`` (None when there is none)."""
+    found = _BOXED.findall(text)
+    return found[-1] if found else None
+
+
+def encode_pairs(tok: PreTrainedTokenizerFast, prompts: list[str], responses: list[str]
+                 ) -> dict[str, torch.Tensor]:
+    """Right-padded ``prompt + response + EOS`` with labels on the response and EOS only."""
+    rows = []
+    for p, r in zip(prompts, responses):
+        p_ids, r_ids = tok(p)["input_ids"], tok(r)["input_ids"] + [tok.eos_token_id]
+        rows.append((p_ids + r_ids, [-100] * len(p_ids) + r_ids))
+    width = max(len(ids) for ids, _ in rows)
+    pad = lambda xs, v: xs + [v] * (width - len(xs))  # noqa: E731
+    return {
+        "input_ids": torch.tensor([pad(ids, tok.pad_token_id) for ids, _ in rows]),
+        "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in rows]),
+        "labels": torch.tensor([pad(lab, -100) for _, lab in rows]),
+    }
+
+
+@torch.no_grad()
+def sample_responses(model: Qwen3ForCausalLM, tok: PreTrainedTokenizerFast, prompts: list[str],
+                     *, greedy: bool = False, max_new_tokens: int = 16
+                     ) -> tuple[list[str], torch.Tensor]:
+    """Decoded responses, and the probabilities of every sampled token (EOS included)."""
+    model.eval()
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    sampling = {"do_sample": False} if greedy else {
+        "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    out = model.generate(**batch, **sampling, max_new_tokens=max_new_tokens, output_scores=True,
+                         return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)
+    new = out.sequences[:, batch["input_ids"].shape[1]:]
+    probs = torch.stack(out.scores, dim=1).softmax(-1).gather(-1, new[..., None])[..., 0]
+    ended = (new == tok.eos_token_id).int().cumsum(1)
+    valid = (ended == 0) | ((ended == 1) & (new == tok.eos_token_id))
+    texts = tok.batch_decode(new, skip_special_tokens=True)
+    return texts, probs[valid]
+
+
+def heldout_accuracy(model: Qwen3ForCausalLM, tok: PreTrainedTokenizerFast,
+                     examples: list[Example], *, greedy: bool = False, max_new_tokens: int = 16,
+                     batch_size: int = 128) -> tuple[float, float]:
+    """Exact-match accuracy of the last boxed answer, and the share of tokens with mu < 0.01."""
+    hits, tail, n_tokens = 0, 0, 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        texts, probs = sample_responses(model, tok, [e.prompt for e in chunk], greedy=greedy,
+                                        max_new_tokens=max_new_tokens)
+        hits += sum(boxed_answer(t) == e.answer for t, e in zip(texts, chunk))
+        tail, n_tokens = tail + int((probs < MU_TAIL).sum()), n_tokens + probs.numel()
+    return hits / len(examples), tail / max(n_tokens, 1)
+
+
+def cache_key(config_dict: dict, vocab: dict, task_settings: dict, seed: int,
+              hparams: WarmStartHParams, band: tuple[float, float], stop_at: float) -> str:
+    """A short deterministic hash of everything that determines the warm-started model."""
+    blob = json.dumps({"config": config_dict, "vocab": sorted(vocab.items()), "task": task_settings,
+                       "seed": seed, "hparams": asdict(hparams), "band": list(band),
+                       "stop_at": stop_at, "code": CODE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def warm_start(*, cache_dir: Path | None = None, target_band: tuple[float, float] = (0.15, 0.40),
+               stop_at: float = 0.25, seed: int = 0, progress: bool = True,
+               hparams: WarmStartHParams = WarmStartHParams(), model_overrides: dict | None = None
+               ) -> Path:
+    """Train (or fetch from cache) the warm-started tiny model; returns its folder.
+
+    Evaluates held-out sampled accuracy every ``hparams.eval_every`` steps and stops at the first
+    evaluation with accuracy in ``[stop_at, target_band[1]]``. If an evaluation jumps past the band,
+    or ``max_steps`` runs out, the last in-band checkpoint is kept (else the final one).
+    ``warmstart.json`` records whether the saved model was in band, and its accuracies.
+    """
+    lo, hi = target_band
+    tok = build_tokenizer()
+    config = tiny_qwen3_config(len(tok), pad_token_id=tok.pad_token_id,
+                               eos_token_id=tok.eos_token_id, bos_token_id=None,
+                               **(model_overrides or {}))
+    task = ArithmeticTask(difficulty=hparams.difficulty, seed=seed)
+    key = cache_key(config.to_dict(), tok.get_vocab(), task.settings, seed, hparams, target_band,
+                    stop_at)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = root / f"warmstart-{key}"
+    if (final / "warmstart.json").exists():
+        return final
+
+    start = time.time()
+    random.seed(seed)
+    model = build_tiny_model(config, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=hparams.lr, weight_decay=hparams.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / hparams.warmup_steps))
+    stream, rng = iter(task), random.Random(seed + 1)
+    evalset = task.heldout(hparams.n_eval)
+    kept, kept_step, step, history = None, 0, 0, []
+    bar = tqdm(total=hparams.max_steps, desc="warm start", disable=not progress)
+    for step in range(1, hparams.max_steps + 1):
+        model.train()
+        examples = [next(stream) for _ in range(hparams.batch_size)]
+        batch = encode_pairs(tok, [e.prompt for e in examples],
+                             [task.reference_response(e, rng) for e in examples])
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.update(1)
+        if step % hparams.eval_every:
+            continue
+        acc, _ = heldout_accuracy(model, tok, evalset, max_new_tokens=hparams.max_new_tokens)
+        history.append([step, round(loss.item(), 4), acc])
+        bar.set_postfix(loss=f"{loss.item():.3f}", sampled_acc=f"{acc:.2f}")
+        if lo <= acc <= hi:
+            kept, kept_step = copy.deepcopy(model.state_dict()), step
+        if acc >= stop_at:
+            break
+    bar.close()
+    if kept is not None:
+        model.load_state_dict(kept)
+        step = kept_step
+
+    final_set = task.heldout(hparams.n_final_eval)
+    sampled, tail = heldout_accuracy(model, tok, final_set, max_new_tokens=hparams.max_new_tokens)
+    greedy, _ = heldout_accuracy(model, tok, final_set, greedy=True,
+                                 max_new_tokens=hparams.max_new_tokens)
+    model.generation_config = GenerationConfig(
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=hparams.max_new_tokens,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    record = {"key": key, "steps": step, "in_band": kept is not None,
+              "heldout_sampled_accuracy": sampled, "heldout_greedy_accuracy": greedy,
+              "n_heldout": len(final_set), "frac_sampled_tokens_mu_below_0.01": tail,
+              "wall_time_s": round(time.time() - start, 1), "torch_threads": torch.get_num_threads(),
+              "task": task.settings, "hparams": asdict(hparams), "history": history}
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".warmstart-{key}-", dir=root))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "warmstart.json").write_text(json.dumps(record, indent=2))
+        tmp.rename(final)
+    except OSError:
+        if not (final / "warmstart.json").exists():  # lost a race to a concurrent run: fine
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
