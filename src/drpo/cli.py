@@ -111,23 +111,39 @@ def objectives() -> None:
         typer.echo(f"{name:18s} {params}")
 
 
-@app.command(context_settings={"allow_extra_args": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def compare(
-    grid: str = typer.Option("default", "--grid", help="grid name (default, quick, ...) or a YAML file"),
+    ctx: typer.Context,
+    grid: str = typer.Option("default", "--grid", help="grid name (default, quick) or a YAML grid file"),
     out: Path = typer.Option(Path("runs/compare"), "--out"),
     quick: bool = typer.Option(False, "--quick", help="the 2-method, 2-seed slice (a few minutes)"),
     workers: int = typer.Option(1, "--workers", help="runs in parallel (each uses 1 thread)"),
-    report: Optional[Path] = typer.Option(None, "--report", help="write the Markdown report here"),
+    report: Optional[Path] = typer.Option(None, "--report", help="report folder (default <out>/report)"),
     report_only: bool = typer.Option(False, "--report-only", help="only rebuild the report from finished runs"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="seeds per block (default: the grid's)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="train.steps of every run"),
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="comma-separated blocks to keep, e.g. main,delta"),
+    model: Optional[str] = typer.Option(None, "--model", help="'builtin', a local folder, or a hub id"),
+    estimate: Optional[float] = typer.Option(None, "--estimate",
+                                             help="seconds per run: print run counts and the wall-clock estimate, run nothing"),
 ) -> None:
-    """Run a methods x settings x seeds grid (resumable) and write the report."""
+    """Run a methods x settings x seeds grid (resumable) and write the report.
+
+    Extra key.sub=value arguments are base overrides for every run, e.g. train.lr=2e-4.
+    """
     from drpo.experiments.compare import run_compare
 
+    items = list(ctx.args) + ([f"model={model}"] if model is not None else [])
     try:
-        run_compare(grid="quick" if quick else grid, out=out, workers=workers, report=report,
-                    report_only=report_only)
+        res = run_compare(grid="quick" if quick else grid, out=out, workers=workers, report=report,
+                          report_only=report_only, seeds=seeds, steps=steps,
+                          blocks=blocks.split(",") if blocks else None, overrides=items, estimate=estimate)
     except ValueError as e:
         _fail(f"error: {e}")
+    if res["report"] is not None:
+        typer.echo(f"report: {res['report']}")
+    if any(e.get("state") == "error" for e in res["entries"].values()):
+        raise typer.Exit(code=1)
 
 
 def main() -> None:
