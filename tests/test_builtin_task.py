@@ -56,6 +56,19 @@ def test_answers_are_correct(difficulty):
         assert len(ex.meta["operands"]) == LEVELS[difficulty].n_operands
 
 
+def test_demonstrations_are_correct_or_near_misses():
+    task, rng = ArithmeticTask(), random.Random(0)
+    examples = task.train_examples(2000)
+    exact = [warmstart.boxed_answer(task.reference_response(e, rng)) == e.answer for e in examples]
+    assert all(exact)
+    hits = 0
+    for ex in examples:
+        got = int(warmstart.boxed_answer(task.reference_response(ex, rng, p_correct=0.5)))
+        assert got >= 0 and abs(got - int(ex.answer)) <= 3
+        hits += got == int(ex.answer)
+    assert 0.45 < hits / len(examples) < 0.55
+
+
 def test_difficulty_changes_the_numbers():
     easy = ArithmeticTask(difficulty=1).train_examples(300)
     hard = ArithmeticTask(difficulty=5).train_examples(300)

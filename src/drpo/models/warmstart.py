@@ -4,7 +4,10 @@ RL needs a policy that already succeeds sometimes. ``warm_start`` trains the tin
 model (AdamW, loss on response tokens) to imitate the arithmetic task's reference responses
 and stops as soon as its held-out *sampled* (temperature 1) exact-match accuracy reaches
 ``stop_at`` inside ``target_band``: a policy that knows much of the answer (its greedy accuracy
-is clearly higher) but is still diffuse, which RL at temperature 1 can sharpen.
+is clearly higher) but is still diffuse, which RL at temperature 1 can sharpen. The
+demonstrations are imperfect on purpose: each boxed number is correct with probability
+``hparams.demo_accuracy`` and otherwise off by 1 to 3, so imitation spreads probability over
+near-miss answers while the correct one stays the mode, the headroom a verifier reward recovers.
 
 The result (model + tokenizer via ``save_pretrained``, plus ``warmstart.json``) is cached under
 ``cache_dir/warmstart-<key>``, where the key hashes everything that determines it: model
@@ -38,7 +41,7 @@ from drpo.models.tokenizer import build_tokenizer
 from drpo.tasks.arithmetic import ArithmeticTask
 from drpo.tasks.base import Example
 
-CODE_VERSION = "warmstart-v1"
+CODE_VERSION = "warmstart-v2"
 MU_TAIL = 0.01
 _BOXED = re.compile(r"\\boxed\{\s*([^{}]*?)\s*\}")
 
@@ -57,6 +60,7 @@ class WarmStartHParams:
     n_eval: int = 128
     n_final_eval: int = 512
     max_new_tokens: int = 16
+    demo_accuracy: float = 0.5
 
 
 def default_cache_dir() -> Path:
@@ -167,7 +171,7 @@ def warm_start(*, cache_dir: Path | None = None, target_band: tuple[float, float
         model.train()
         examples = [next(stream) for _ in range(hparams.batch_size)]
         batch = encode_pairs(tok, [e.prompt for e in examples],
-                             [task.reference_response(e, rng) for e in examples])
+                             [task.reference_response(e, rng, hparams.demo_accuracy) for e in examples])
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

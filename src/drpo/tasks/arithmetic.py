@@ -210,7 +210,14 @@ class ArithmeticTask:
         return out
 
     @staticmethod
-    def reference_response(example: Example, rng: random.Random) -> str:
-        """A short supervised response: a random lead phrase, then ``\\boxed{ answer }``."""
+    def reference_response(example: Example, rng: random.Random, p_correct: float = 1.0) -> str:
+        """A short demonstration: a random lead phrase, then ``\\boxed{ answer }``.
+
+        With probability ``1 - p_correct`` the boxed number is off by 1 to 3 (an imperfect
+        demonstrator, as in SFT data); the correct answer stays the most likely one.
+        """
         lead = rng.choice(LEADS).format(name=example.meta.get("name", "it"))
-        return f"{lead} {boxed(example.answer)}"
+        answer = int(example.answer)
+        if rng.random() >= p_correct:
+            answer += rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if answer + d >= 0])
+        return f"{lead} {boxed(answer)}"
