@@ -38,7 +38,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3ForCaus
 
 from drpo.models.tiny import build_tiny_model, tiny_qwen3_config
 from drpo.models.tokenizer import build_tokenizer
-from drpo.tasks.arithmetic import ArithmeticTask
+from drpo.tasks.arithmetic import DEFAULT_DIFFICULTY, ArithmeticTask
 from drpo.tasks.base import Example
 
 CODE_VERSION = "warmstart-v2"
@@ -50,13 +50,13 @@ _BOXED = re.compile(r"\\boxed\{\s*([^{}]*?)\s*\}")
 class WarmStartHParams:
     """Training and evaluation settings (all part of the cache key)."""
 
-    difficulty: int = 2
+    difficulty: int = DEFAULT_DIFFICULTY
     batch_size: int = 64
     lr: float = 2e-3
     warmup_steps: int = 20
     weight_decay: float = 0.01
-    max_steps: int = 3000
-    eval_every: int = 10
+    max_steps: int = 1500
+    eval_every: int = 20
     n_eval: int = 128
     n_final_eval: int = 512
     max_new_tokens: int = 16

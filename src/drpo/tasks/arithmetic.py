@@ -27,7 +27,7 @@ from drpo.tasks.base import Example
 MAX_ANSWER = 999
 HELDOUT_BUCKETS = 20
 HELDOUT_SEED = 20240917
-DEFAULT_DIFFICULTY = 2
+DEFAULT_DIFFICULTY = 1
 
 
 @dataclass(frozen=True)
