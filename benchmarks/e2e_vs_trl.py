@@ -1,0 +1,424 @@
+"""End-to-end RL throughput (rollout + update) of drpo's Trainer against TRL's GRPOTrainer.
+
+    PYTHONPATH=src python benchmarks/e2e_vs_trl.py --out benchmarks/results/e2e_vs_trl.json
+    PYTHONPATH=src python benchmarks/e2e_vs_trl.py --quick --out benchmarks/results/e2e_vs_trl_quick.json
+
+Both sides train the SAME model folder (the built-in warm-started tiny Qwen3), loaded the same way
+(``drpo.training.models.load_policy``: float32), on arithmetic prompts of difficulty 1, with the
+same batch (P prompts x G samples each), the same sampling (temperature 1, top-p 1, no top-k,
+at most L new tokens, stopping at EOS), one optimiser step per rollout batch, the same learning
+rate, AdamW, gradient clipping at 1.0, no KL term, and the same number of threads, in the same
+process, one after the other (``--order`` picks which goes first).
+
+One *step* is everything from sampling a batch to the end of its optimiser step (ours: one call
+of ``Trainer.step``; TRL: the interval between two ``on_step_end`` callbacks, i.e. generation,
+reward, loss forward, backward, optimiser and TRL's bookkeeping). The first step of each side is
+a warm-up and is not timed; the next N are. tokens/s counts the completion tokens actually
+sampled (EOS included, padding after EOS excluded): a side whose completions stop earlier does
+less work per step, so both the mean completion length and tokens/s are reported.
+
+TRL settings that differ from TRL's own defaults, set here so both sides do the same work:
+``gradient_checkpointing=False`` and ``bf16=False`` (GRPOConfig defaults both to True; ours runs
+fp32 without checkpointing), ``learning_rate=1e-4`` (ours), ``lr_scheduler_type="constant"``,
+``loss_type="dapo"`` (token-mean over the batch, ours' ``agg_mode="token-mean"``), ``beta=0``.
+With ``per_device_train_batch_size = P*G`` and ``gradient_accumulation_steps=1``, TRL's
+``steps_per_generation`` is 1: one generation batch of P*G completions per optimiser step, and
+no separate old-policy log-prob pass (the same as ours with ``train.anchor=rollout``).
+
+After the timed steps, a few more steps of OUR trainer run with timers wrapped around its
+pieces (without editing the trainer): the rollout, reward and sync times it logs itself, plus
+``Trainer._logprobs`` (the log-prob forward with grad), ``torch.Tensor.backward``, the
+objective (``policy_loss``), gradient clipping and ``optimizer.step``. The same is done, more
+coarsely, for TRL, during its timed run (``_generate_and_score_completions``, ``compute_loss``
+= log-prob forward + objective, ``torch.Tensor.backward``, the optimizer's step).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+
+def _early_threads(argv: list[str]) -> int:
+    """Thread count from the command line, applied to OpenMP/MKL before torch is imported."""
+    n = 1
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            n = int(argv[i + 1])
+        elif a.startswith("--threads="):
+            n = int(a.split("=", 1)[1])
+    return n
+
+
+_THREADS = _early_threads(sys.argv)
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, str(_THREADS))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def summarize(step_times: list[float], tokens: list[float], lengths: list[float]) -> dict:
+    """steps/s and tokens/s over the timed steps (totals, not per-step means), and the spread."""
+    total = sum(step_times)
+    return {
+        "steps": len(step_times),
+        "total_s": total,
+        "step_s_median": statistics.median(step_times),
+        "step_s_min": min(step_times),
+        "step_s_max": max(step_times),
+        "steps_per_s": len(step_times) / total,
+        "tokens_per_s": sum(tokens) / total,
+        "mean_completion_len": statistics.fmean(lengths),
+    }
+
+
+# ---------------------------------------------------------------------------------------- ours
+def build_ours(model: str, out: Path, a) -> "object":
+    from drpo.training.config import load_config
+    from drpo.training.trainer import Trainer
+
+    cfg = load_config(None, [
+        f"model={model}", f"out={out}", f"train.steps={a.steps + 1 + a.profile_steps}",
+        f"rollout.prompts_per_step={a.prompts}", f"rollout.group_size={a.group}",
+        f"rollout.max_new_tokens={a.max_new_tokens}", "rollout.precision=fp32",
+        "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=0",
+        "train.minibatches=1", f"train.lr={a.lr}", "train.grad_clip=1.0", "objective.name=grpo",
+        "eval.every=0", "progress=false", "tensorboard=false", "save_every=0",
+        f"threads={a.threads}", f"seed={a.seed}",
+    ])
+    return Trainer(cfg)
+
+
+def run_ours(model: str, workdir: Path, a) -> tuple[dict, object]:
+    tr = build_ours(model, workdir / "ours", a)
+    n_seq = a.prompts * a.group
+    t0 = time.perf_counter()
+    tr.step(0)  # warm-up
+    warmup_s = time.perf_counter() - t0
+    threads = torch.get_num_threads()
+    steps, toks, lens, parts = [], [], [], defaultdict(list)
+    for i in range(1, a.steps + 1):
+        t0 = time.perf_counter()
+        m = tr.step(i)
+        steps.append(time.perf_counter() - t0)
+        lens.append(m["response/length_mean"])
+        toks.append(m["response/length_mean"] * n_seq)
+        for k in ("time/rollout", "time/reward", "time/update", "time/sync"):
+            parts[k].append(m[k])
+        parts["reward/mean"].append(m["reward/mean"])
+    res = summarize(steps, toks, lens)
+    res.update(warmup_s=warmup_s, threads=threads, step_times_s=steps,
+               logged_split_s={k: statistics.fmean(v) for k, v in parts.items() if k.startswith("time/")},
+               reward_mean=statistics.fmean(parts["reward/mean"]),
+               optimizer=type(tr.optimizer).__name__)
+    return res, tr
+
+
+class _Timers:
+    """Accumulating wall-clock timers, installed by wrapping callables (no trainer edits)."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.total[name] += seconds
+        self.calls[name] += 1
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.total[name] += time.perf_counter() - t0
+                self.calls[name] += 1
+        return timed
+
+
+@contextlib.contextmanager
+def instrument_ours(tr, timers: _Timers):
+    """Wrap the pieces of ``Trainer.step``'s update for the duration of the block, then restore.
+
+    Instance attribute for ``_logprobs`` (the log-prob forward with grad; anchor=rollout so it
+    is called only in the update), the trainer module's ``policy_loss`` global, the global
+    ``torch.Tensor.backward`` and ``clip_grad_norm_``, and an optimizer step pre/post hook pair.
+    """
+    import drpo.training.trainer as trainer_mod
+
+    saved = (trainer_mod.policy_loss, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_)
+    tr._logprobs = timers.wrap("logprobs_forward", tr._logprobs)
+    trainer_mod.policy_loss = timers.wrap("objective", trainer_mod.policy_loss)
+    torch.Tensor.backward = timers.wrap("backward", torch.Tensor.backward)
+    torch.nn.utils.clip_grad_norm_ = timers.wrap("grad_clip", torch.nn.utils.clip_grad_norm_)
+    start = {}
+
+    def pre(opt, args, kwargs):
+        start["t"] = time.perf_counter()
+
+    def post(opt, args, kwargs):
+        timers.total["optimizer_step"] += time.perf_counter() - start["t"]
+        timers.calls["optimizer_step"] += 1
+
+    h1, h2 = tr.optimizer.register_step_pre_hook(pre), tr.optimizer.register_step_post_hook(post)
+    try:
+        yield
+    finally:
+        h1.remove()
+        h2.remove()
+        del tr._logprobs
+        trainer_mod.policy_loss, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_ = saved
+
+
+def profile_ours(tr, a) -> dict:
+    """Mean seconds per step of each piece of our step, over ``a.profile_steps`` extra steps."""
+    timers = _Timers()
+    logged = defaultdict(float)
+    t_steps = 0.0
+    with instrument_ours(tr, timers):
+        for i in range(a.steps + 1, a.steps + 1 + a.profile_steps):
+            t0 = time.perf_counter()
+            m = tr.step(i)
+            t_steps += time.perf_counter() - t0
+            for k in ("time/rollout", "time/reward", "time/update", "time/sync"):
+                logged[k] += m[k]
+    n = a.profile_steps
+    rows = {
+        "rollout (generate)": logged["time/rollout"] / n,
+        "reward (decode + verify + advantages)": logged["time/reward"] / n,
+        "log-probs forward (with grad)": timers.total["logprobs_forward"] / n,
+        "objective (policy_loss)": timers.total["objective"] / n,
+        "backward": timers.total["backward"] / n,
+        "grad clip": timers.total["grad_clip"] / n,
+        "optimizer step": timers.total["optimizer_step"] / n,
+    }
+    inner = sum(timers.total[k] for k in ("logprobs_forward", "objective", "backward", "grad_clip", "optimizer_step"))
+    rows["update: other (metrics, zero_grad, batching)"] = logged["time/update"] / n - inner / n
+    rows["sync engine weights"] = logged["time/sync"] / n
+    step = t_steps / n
+    rows["outside the timed sections"] = step - sum(logged.values()) / n
+    return {"steps": n, "step_s": step, "seconds": rows,
+            "share": {k: v / step for k, v in rows.items()}, "calls": dict(timers.calls)}
+
+
+# ---------------------------------------------------------------------------------------- TRL
+def run_trl(model: str, workdir: Path, a) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from drpo import verify
+    from drpo.tasks.arithmetic import ArithmeticTask
+    from drpo.training.models import load_policy
+
+    tokenizer, net = load_policy(model, seed=a.seed, progress=False)
+    n_rows = (a.steps + 1) * a.prompts * 2
+    rows = ArithmeticTask(1).train_examples(n_rows)
+    ds = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in rows])
+
+    lengths_per_call: list[list[int]] = []
+    rewards_per_call: list[float] = []
+
+    def reward(prompts, completions, answer, completion_ids=None, **kw) -> list[float]:
+        """1.0 when the last \\boxed{} answer matches, via drpo.verify (the reward ours uses)."""
+        out = [1.0 if verify(c, g) else 0.0 for c, g in zip(completions, answer)]
+        lengths_per_call.append([len(ids) for ids in completion_ids])
+        rewards_per_call.append(statistics.fmean(out))
+        return out
+
+    timers = _Timers()
+
+    class StepClock(TrainerCallback):
+        """Time of each step's end; hooks the optimizer's step time once the optimizer exists."""
+
+        def __init__(self) -> None:
+            self.begin = None
+            self.ends: list[float] = []
+            self.threads: list[int] = []
+
+        def on_train_begin(self, args, state, control, optimizer=None, **kw):
+            self.begin = time.perf_counter()
+            opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> torch's
+            start = {}
+            opt.register_step_pre_hook(lambda o, a_, k: start.__setitem__("t", time.perf_counter()))
+            opt.register_step_post_hook(lambda o, a_, k: timers.add("optimizer_step", time.perf_counter() - start["t"]))
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
+            self.threads.append(torch.get_num_threads())
+
+    clock = StepClock()
+    cfg = GRPOConfig(
+        output_dir=str(workdir / "trl"), use_cpu=True, seed=a.seed,
+        per_device_train_batch_size=a.prompts * a.group, gradient_accumulation_steps=1,
+        num_generations=a.group, max_completion_length=a.max_new_tokens,
+        temperature=1.0, top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0,
+        loss_type="dapo", beta=0.0, num_iterations=1,
+        learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, max_steps=a.steps + 1,
+        bf16=False, fp16=False, gradient_checkpointing=False,
+        logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True,
+        log_completions=False, dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(model=net, reward_funcs=[reward], args=cfg, train_dataset=ds,
+                          processing_class=tokenizer, callbacks=[clock])
+    # split of TRL's step: rollout + reward (+ any old-logprob pass), the loss (log-prob forward
+    # + objective), backward, optimizer; wrappers cost microseconds per call
+    trainer._generate_and_score_completions = timers.wrap("generate_and_score",
+                                                          trainer._generate_and_score_completions)
+    trainer.compute_loss = timers.wrap("compute_loss", trainer.compute_loss)
+    saved_backward = torch.Tensor.backward
+    torch.Tensor.backward = timers.wrap("backward", saved_backward)
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    try:
+        trainer.train()
+    finally:
+        torch.Tensor.backward = saved_backward
+    total = time.perf_counter() - t0
+
+    ends = clock.ends
+    if len(ends) != a.steps + 1 or len(lengths_per_call) != a.steps + 1:
+        raise RuntimeError(f"expected {a.steps + 1} steps and generations, got {len(ends)} steps, "
+                           f"{len(lengths_per_call)} generations")
+    steps = [ends[i] - ends[i - 1] for i in range(1, len(ends))]
+    lens = [statistics.fmean(x) for x in lengths_per_call[1:]]
+    toks = [float(sum(x)) for x in lengths_per_call[1:]]
+    res = summarize(steps, toks, lens)
+    res.update(warmup_s=ends[0] - clock.begin, train_call_s=total, threads=clock.threads[-1],
+               step_times_s=steps, reward_mean=statistics.fmean(rewards_per_call[1:]),
+               n_completions_per_step=len(lengths_per_call[-1]),
+               steps_per_generation=cfg.steps_per_generation,
+               generation_batch_size=cfg.generation_batch_size,
+               optimizer=type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                              else trainer.optimizer).__name__,
+               optim_arg=str(cfg.optim),
+               split_s_per_step={k: timers.total[k] / timers.calls[k] for k in timers.total},
+               split_calls=dict(timers.calls),
+               split_note="means over all calls, the warm-up step included")
+    return res
+
+
+# ---------------------------------------------------------------------------------------- main
+def check_tokenizer(model: str) -> dict:
+    """TRL tokenises plain-string prompts with special tokens on, ours with them off: same ids?"""
+    from drpo.tasks.arithmetic import ArithmeticTask
+    from drpo.training.models import load_policy
+
+    tok, _ = load_policy(model, progress=False)
+    prompts = [e.prompt for e in ArithmeticTask(1).train_examples(8)]
+    same = all(tok(p)["input_ids"] == tok(p, add_special_tokens=False)["input_ids"] for p in prompts)
+    return {"class": type(tok).__name__, "padding_side": tok.padding_side, "pad": tok.pad_token,
+            "eos": tok.eos_token, "bos": tok.bos_token, "chat_template": bool(getattr(tok, "chat_template", None)),
+            "prompt_ids_same_with_and_without_special_tokens": same}
+
+
+def print_table(ours: dict, trl: dict, ratio: float, target: float) -> None:
+    print()
+    print("| trainer | steps/s | tokens/s | mean completion len | median step s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in (("drpo Trainer", ours), ("TRL GRPOTrainer", trl)):
+        print(f"| {name} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:.1f} | "
+              f"{r['mean_completion_len']:.2f} | {r['step_s_median']:.3f} |")
+    print(f"\nours / TRL steps/s: {ratio:.2f}x (target >= {target:.1f}x: {'met' if ratio >= target else 'NOT met'})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: P=4, G=4, N=3")
+    p.add_argument("--prompts", type=int, default=16, help="P: prompts per step")
+    p.add_argument("--group", type=int, default=8, help="G: samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="L: max completion tokens")
+    p.add_argument("--steps", type=int, default=10, help="N: timed steps per side (after 1 warm-up)")
+    p.add_argument("--profile-steps", type=int, default=3, help="extra instrumented steps of ours")
+    p.add_argument("--threads", type=int, default=_THREADS, help="torch threads, both sides")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="builtin")
+    p.add_argument("--order", choices=("ours-first", "trl-first"), default="ours-first")
+    p.add_argument("--target", type=float, default=2.0, help="required ours/TRL steps/s ratio")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    a = p.parse_args()
+    if a.quick:
+        a.prompts, a.group, a.steps, a.profile_steps = 4, 4, 3, 2
+    torch.set_num_threads(a.threads)
+
+    from drpo.training.models import resolve_model
+    import transformers
+    import trl
+
+    model = resolve_model(a.model, progress=False)
+    info = {"tokenizer": check_tokenizer(model)}
+    print(f"model {model}; P={a.prompts} G={a.group} L={a.max_new_tokens} N={a.steps} threads={a.threads}",
+          flush=True)
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="e2e_vs_trl_") as tmp:
+        work = Path(tmp)
+        order = ("ours", "trl") if a.order == "ours-first" else ("trl", "ours")
+        for side in order:
+            before = loadavg()
+            t0 = time.perf_counter()
+            if side == "ours":
+                res, tr = run_ours(model, work, a)
+                res["profile"] = profile_ours(tr, a)
+                del tr
+            else:
+                res = run_trl(model, work, a)
+            res["wall_s"] = time.perf_counter() - t0
+            res["loadavg_before"], res["loadavg_after"] = before, loadavg()
+            results[side] = res
+            print(f"{side}: {res['steps_per_s']:.3f} steps/s, {res['tokens_per_s']:.1f} tok/s, "
+                  f"mean len {res['mean_completion_len']:.2f}, load {before} -> {res['loadavg_after']}",
+                  flush=True)
+
+    ours, trl_r = results["ours"], results["trl"]
+    ratio = ours["steps_per_s"] / trl_r["steps_per_s"]
+    tok_ratio = ours["tokens_per_s"] / trl_r["tokens_per_s"]
+    print_table(ours, trl_r, ratio, a.target)
+    print(f"ours / TRL tokens/s: {tok_ratio:.2f}x")
+    prof = ours["profile"]
+    print(f"\nwhere our step's time goes ({prof['steps']} instrumented steps, {prof['step_s']:.3f} s/step):")
+    for k, v in prof["seconds"].items():
+        print(f"  {k:<48s} {v * 1000:8.1f} ms  {100 * prof['share'][k]:5.1f} %")
+    sp = trl_r["split_s_per_step"]
+    print(f"TRL, per step (mean over all steps, warm-up included), median step {trl_r['step_s_median']:.3f} s:")
+    for k in ("generate_and_score", "compute_loss", "backward", "optimizer_step"):
+        print(f"  {k:<48s} {sp.get(k, float('nan')) * 1000:8.1f} ms")
+
+    if a.out:
+        out = {
+            "benchmark": "e2e_vs_trl", "quick": a.quick,
+            "settings": {"prompts": a.prompts, "group": a.group, "max_new_tokens": a.max_new_tokens,
+                         "steps": a.steps, "warmup_steps": 1, "profile_steps": a.profile_steps,
+                         "threads": a.threads, "lr": a.lr, "seed": a.seed, "model": a.model,
+                         "model_dir": model, "order": a.order, "trl_loss_type": "dapo",
+                         "ours_objective": "grpo (agg_mode token-mean)"},
+            "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                            "transformers": transformers.__version__, "trl": trl.__version__,
+                            "machine": platform.processor() or platform.machine(),
+                            "cpu_count": os.cpu_count(), **info},
+            "ours": ours, "trl": trl_r,
+            "ratio_steps_per_s": ratio, "ratio_tokens_per_s": tok_ratio,
+            "target": a.target, "target_met": ratio >= a.target,
+        }
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
