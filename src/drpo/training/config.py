@@ -20,7 +20,7 @@ class TaskConfig(_Strict):
     """Where prompts come from: the built-in arithmetic task, or a jsonl file."""
 
     name: Literal["arithmetic", "jsonl"] = "arithmetic"
-    difficulty: int = Field(2, ge=1)
+    difficulty: int = Field(1, ge=1)
     path: Optional[str] = None
     question_field: str = "problem"
     answer_field: str = "answer"
