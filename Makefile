@@ -31,7 +31,7 @@ geometry: setup
 	$(VENV)/bin/drpo geometry --out docs/figures
 
 compare: setup
-	$(VENV)/bin/drpo compare
+	$(VENV)/bin/drpo compare --workers 2 --out runs/compare --report docs/compare
 
 bench: setup-all
 	$(PY) benchmarks/logprob_bench.py

@@ -60,7 +60,7 @@ METHODS: dict[str, Method] = {
     "drpo_kl": Method("DRPO + KL penalty", "drpo_kl", family="drpo"),
 }
 
-LR_STRESS = 4.0  # the learning-rate stress setting trains at this multiple of the base lr
+LR_STRESS = 3.0  # the learning-rate stress setting trains at this multiple of the base lr (3e-4 -> 9e-4)
 
 SETTINGS: dict[str, Setting] = {
     "fp8": Setting("FP8 rollout, K=4", ("rollout.precision=fp8", "train.minibatches=4")),
@@ -95,8 +95,8 @@ DEFAULT_BLOCKS: tuple[Block, ...] = (
           "(FP8 of the main block against BF16; FP8 end to end)",
           ("pg_is", "dapo", "spo", "drpo"), ("fp8", "bf16", "fp8_e2e"), 5),
     Block("staleness", "(b, c) stability and gradient variance when the anchor grows stale (K=1, 4, 8)",
-          ("dapo", "spo", "dppo_tv", "drpo"), ("fp8_k1", "fp8", "fp8_k8"), 5),
-    Block("lr_stress", "(b) stability under a learning rate 4x the base", ("dapo", "spo", "dppo_tv", "drpo"),
+          ("dapo", "drpo"), ("fp8_k1", "fp8", "fp8_k8"), 5),
+    Block("lr_stress", "(b) stability under a learning rate 3x the base", ("dapo", "spo", "dppo_tv", "drpo"),
           ("fp8", "fp8_lr_stress"), 5),
     Block("ablation", "(d) removing advantage weighting hurts; mask-only and KL-penalty variants",
           ("drpo", "drpo_no_adv", "mask_drpo", "drpo_kl"), ("fp8",), 5),
@@ -105,7 +105,10 @@ DEFAULT_BLOCKS: tuple[Block, ...] = (
 )
 
 # Grid-wide overrides on top of the config defaults: quiet single-threaded workers, no TensorBoard.
-GRID_BASE = ("threads=1", "progress=false", "tensorboard=false")
+# Runs are sized to fit the 2-hour budget on 2 cores (two single-threaded workers): 40 RL steps,
+# held-out accuracy every 10 steps on 256 prompts, a checkpoint every 20 steps.
+GRID_BASE = ("threads=1", "progress=false", "tensorboard=false", "train.steps=40", "eval.every=10",
+             "save_every=20")
 
 QUICK_BLOCKS = (Block("quick", "smoke test: DRPO against GRPO clip-higher under FP8", ("drpo", "dapo"), ("fp8",), 2),)
 QUICK_BASE = ("train.steps=12", "eval.every=4", "eval.prompts=64", "save_every=4")

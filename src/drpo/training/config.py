@@ -65,8 +65,8 @@ class RolloutConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(60, ge=0)
-    lr: float = Field(1e-4, gt=0)
+    steps: int = Field(300, ge=0)
+    lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
@@ -85,7 +85,7 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    every: int = Field(10, ge=0)
+    every: int = Field(25, ge=0)
     prompts: int = Field(256, ge=1)
     samples: int = Field(1, ge=1)
     temperature: float = Field(1.0, gt=0)
@@ -98,7 +98,7 @@ class RunConfig(_Strict):
     out: Optional[str] = None  # default: runs/<objective>-<date-time>
     device: str = "cpu"
     threads: Optional[int] = None
-    save_every: int = Field(20, ge=0)
+    save_every: int = Field(50, ge=0)
     log_every: int = Field(1, ge=1)
     tensorboard: bool = True
     progress: bool = True
