@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from drpo.cli import app
 from drpo.experiments import compare, report
-from drpo.experiments.grids import DEFAULT_BLOCKS, METHODS, SETTINGS, build_grid, describe
+from drpo.experiments.grids import DEFAULT_BLOCKS, LR_STRESS, METHODS, SETTINGS, build_grid, describe
 from drpo.training import run_io
 from drpo.training.config import load_config
 from drpo.training.trainer import Trainer, TrainingDiverged
@@ -35,7 +35,8 @@ def test_default_grid_counts_unique_dirs_and_valid_overrides():
         cfg = load_config(None, list(r.overrides))
         assert cfg.seed == r.seed and cfg.threads == 1
     stress = [r for r in g.runs if r.setting == "fp8_lr_stress"][0]
-    assert load_config(None, list(stress.overrides)).train.lr == pytest.approx(4 * load_config().train.lr)
+    assert load_config(None, list(stress.overrides)).train.lr == pytest.approx(LR_STRESS * load_config().train.lr)
+    assert LR_STRESS > 1
     e2e = [r for r in g.runs if r.setting == "fp8_e2e"][0]
     cfg = load_config(None, list(e2e.overrides))
     assert (cfg.rollout.precision, cfg.train.precision) == ("fp8", "bf16")
