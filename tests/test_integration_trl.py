@@ -99,7 +99,7 @@ def _loss_and_grad(trainer: GRPOTrainer, inputs: dict) -> tuple[float, torch.Ten
     loss = trainer._compute_loss(trainer.model, inputs)
     loss.backward()
     grad = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
-    return float(loss), grad
+    return float(loss.detach()), grad
 
 
 @pytest.mark.parametrize(

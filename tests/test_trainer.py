@@ -147,3 +147,12 @@ def test_eval_command_on_a_local_model(tiny_model_dir, tmp_path):
     assert d["n"] == 3 and d["k"] == 2 and 0.0 <= d["avg_at_k"] <= d["pass_at_k"] <= 1.0
     res = CliRunner().invoke(app, ["eval", "--model", tiny_model_dir, "--benchmark", "nope"])
     assert res.exit_code == 2 and "unknown benchmark" in res.output
+
+
+def test_overlong_reward_replaces_the_reward_of_truncated_responses(tiny_model_dir, tmp_path):
+    cfg = small(tiny_model_dir, tmp_path / "ol", "train.steps=1", "eval.every=0", "rollout.max_new_tokens=1",
+                "train.overlong_reward=-1.0")
+    tr = Trainer(cfg)
+    m = tr.step(0)
+    # one new token: only a response whose single token is EOS is not truncated
+    assert m["reward/mean"] == pytest.approx(-1.0 * (1 - m["response/eos_frac"]))

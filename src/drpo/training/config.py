@@ -81,6 +81,9 @@ class TrainConfig(_Strict):
     advantage: Literal["grpo", "rloo"] = "grpo"
     std_normalize: bool = False
     filter_zero_adv_groups: bool = False
+    # reward of a response cut at rollout.max_new_tokens without EOS (DAPO's overlong handling);
+    # None keeps the verifier's reward for it
+    overlong_reward: Optional[float] = None
     chunk_size: int = Field(1024, ge=1)
 
 

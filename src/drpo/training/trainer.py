@@ -133,6 +133,9 @@ class Trainer:
         texts = self.decode(batch)
         rewards, rstats = score_batch(self.reward_fn, [examples[i] for i in batch.prompt_index.tolist()], texts)
         rewards_t = torch.tensor(rewards, dtype=torch.float32)
+        finished = (batch.response_ids == self.tokenizer.eos_token_id).any(-1)
+        if t.overlong_reward is not None:
+            rewards_t = torch.where(finished, rewards_t, torch.tensor(float(t.overlong_reward)))
         ga = group_advantages(rewards_t, cfg.rollout.group_size, t.advantage, t.std_normalize)
         timing["time/reward"] = time.perf_counter() - t1
 
@@ -141,7 +144,7 @@ class Trainer:
             "reward/errors": rstats.to_dict().get("n_errors", 0),
             "adv/zero_adv_group_frac": ga.zero_adv_frac,
             "response/length_mean": float(batch.response_mask.sum(-1).float().mean()),
-            "response/eos_frac": float((batch.response_ids == self.tokenizer.eos_token_id).any(-1).float().mean()),
+            "response/eos_frac": float(finished.float().mean()),
         }
         mu = batch.behavior_log_prob.exp()[batch.response_mask.bool()]
         m["rollout/mu_lt_0.01_frac"] = float((mu < MU_TAIL).float().mean())
