@@ -13,22 +13,13 @@ import torch
 
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from drpo.integrations.trl import DRPOGRPOTrainer  # noqa: E402
+from drpo.integrations.trl import DRPOGRPOTrainer
+from drpo.models.tokenizer import char_tokenizer  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-CHARS = list("0123456789+=? abcdefghijklmnopqrstuvwxyz")
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>"] + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>", padding_side="left")
 
 
 def tiny_model(vocab_size: int) -> Qwen3ForCausalLM:
@@ -45,7 +36,7 @@ def reward_digits(completions: list[str], **_: object) -> list[float]:
 
 
 def make_trainer(cls: type, tmp_path, **kwargs) -> GRPOTrainer:
-    tok = tiny_tokenizer()
+    tok = char_tokenizer()
     data = datasets.Dataset.from_dict({"prompt": ["1+1=", "2+3=", "4+4=", "9+1="]})
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=6, max_steps=2, learning_rate=1e-2, logging_steps=1,

@@ -298,7 +298,7 @@ def test_microbatch_accumulation_equals_full_batch(mode, name):
                               global_token_count=n_tok, global_seq_count=n_seq, compute_metrics=False)
         part.backward()
         total += float(part.detach())
-    assert total == pytest.approx(float(loss), rel=1e-5)
+    assert total == pytest.approx(float(loss.detach()), rel=1e-5)
     torch.testing.assert_close(acc.grad, full.grad, rtol=1e-5, atol=1e-7)
 
 
@@ -331,7 +331,7 @@ def test_bf16_inputs_computed_in_float32_and_grad_dtype_kept():
     loss.backward()
     assert leaf.grad.dtype == torch.bfloat16 and torch.isfinite(leaf.grad).all()
     ref, _ = policy_loss("drpo", leaf.detach().float(), blp.to(torch.bfloat16).float(), adv.to(torch.bfloat16).float(), mask)
-    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(ref), rel=1e-6)
 
 
 def test_metrics_content_and_buckets():

@@ -13,22 +13,12 @@ import tempfile
 
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 from trl import GRPOConfig
 
 from drpo.integrations.trl import DRPOGRPOTrainer
+from drpo.models.tokenizer import char_tokenizer
 
-CHARS = list("0123456789+=? abcdefghijklmnopqrstuvwxyz")
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character, built locally (no hub access needed)."""
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>"] + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>", padding_side="left")
 
 
 def tiny_qwen3(vocab_size: int, seed: int = 0) -> Qwen3ForCausalLM:

@@ -54,3 +54,13 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
         model_max_length=256,
     )
+
+
+def char_tokenizer(chars: str = "0123456789+=? abcdefghijklmnopqrstuvwxyz") -> PreTrainedTokenizerFast:
+    """A one-token-per-character tokenizer built locally (pad, eos, unk + ``chars``), for examples
+    and tests that need a tokenizer without any download."""
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>"] + list(chars))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="left")
