@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -37,13 +36,13 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3ForCausalLM
 
 from drpo.models.tiny import build_tiny_model, tiny_qwen3_config
+from drpo.rewards.verify import extract_boxed
 from drpo.models.tokenizer import build_tokenizer
 from drpo.tasks.arithmetic import DEFAULT_DIFFICULTY, ArithmeticTask
 from drpo.tasks.base import Example
 
 CODE_VERSION = "warmstart-v2"
 MU_TAIL = 0.01
-_BOXED = re.compile(r"\\boxed\{\s*([^{}]*?)\s*\}")
 
 
 @dataclass(frozen=True)
@@ -69,9 +68,10 @@ def default_cache_dir() -> Path:
 
 
 def boxed_answer(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` in ``text`` (None when there is none)."""
-    found = _BOXED.findall(text)
-    return found[-1] if found else None
+    """The stripped content of the last ``\\boxed{...}`` in ``text`` (None when there is none);
+    the verifier's own extractor, compared by exact string match (fast, for integer answers)."""
+    found = extract_boxed(text)
+    return None if found is None else found.strip()
 
 
 def encode_pairs(tok: PreTrainedTokenizerFast, prompts: list[str], responses: list[str]
