@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from drpo.experiments.grids import Grid, Run, build_grid, describe
 from drpo.training import run_io
-from drpo.training.config import load_config
+from drpo.training.config import RunConfig, load_config
 
 MANIFEST = "grid.json"
 
@@ -43,7 +43,8 @@ def plan(run: Run, out: Path) -> str:
     run_dir = out / run.slug
     if not (run_dir / "config.yaml").exists():
         return "restart" if run_dir.exists() else "start"
-    on_disk = yaml.safe_load((run_dir / "config.yaml").read_text())
+    # validated, so that keys added to the config since (with their defaults) compare equal
+    on_disk = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text())).model_dump(mode="json")
     wanted = run_config(run, out).model_dump(mode="json")
     if {k: v for k, v in on_disk.items() if k != "out"} != {k: v for k, v in wanted.items() if k != "out"}:
         raise ValueError(f"{run_dir} holds a run with another configuration than this grid's; "
