@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import torch
 
 from drpo.evaluation.metrics import EvalResult, GenerateFn, evaluate
-from drpo.rollout.engine import SamplingParams
+from drpo.rollout.engine import SamplingParams, decode_responses
 from drpo.tasks.base import Example
 
 
@@ -16,9 +16,7 @@ def make_generate_fn(engine, tokenizer, encode: Callable[[str], list[int]], para
 
     def generate(prompts: list[str], n: int) -> list[list[str]]:
         p = SamplingParams(**{**params.__dict__, "n": n})
-        batch = engine.generate([encode(x) for x in prompts], p, generator)
-        ids = batch.response_ids.masked_fill(batch.response_mask == 0, tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+        texts = decode_responses(engine.generate([encode(x) for x in prompts], p, generator), tokenizer)
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     return generate

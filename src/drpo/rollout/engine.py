@@ -70,6 +70,12 @@ class RolloutBatch:
             "prompt_index", "topk_log_prob", "topk_ids")))
 
 
+def decode_responses(batch: RolloutBatch, tokenizer) -> list[str]:
+    """Response texts of ``batch`` (positions after EOS dropped, special tokens skipped)."""
+    ids = batch.response_ids.masked_fill(batch.response_mask == 0, tokenizer.pad_token_id)
+    return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, P) ids and mask with every sequence right-aligned."""
     P = max(len(s) for s in seqs)
@@ -116,8 +122,7 @@ class HFRolloutEngine:
     @torch.no_grad()
     def sync(self, model: nn.Module) -> None:
         """Copy the trainer's weights in and quantise them to the engine's precision."""
-        src = {k: v for k, v in model.state_dict().items()}
-        missing = self.model.load_state_dict(src, strict=False)
+        missing = self.model.load_state_dict(model.state_dict(), strict=False)
         if missing.missing_keys:
             raise RuntimeError(f"engine sync: trainer state lacks {missing.missing_keys[:5]}")
         quantize_weights_(self.model, self.precision)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from drpo.ops.logprob import chunked_logprobs, naive_logprobs
+from drpo.ops.logprob import chunked_logprobs, topk_logprobs
 
 
 def _plain_linear_head(model: nn.Module) -> bool:
@@ -44,32 +44,22 @@ def response_logprobs(
     attn = torch.cat([prompt_mask, response_mask], dim=1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     mask = response_mask.bool()
-    head = model.get_output_embeddings()
-    if _plain_linear_head(model):
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
-        h = hidden[:, P - 1:P + R - 1]
-        fn = chunked_logprobs
-    else:  # generic fallback: the model's own logits, scored exactly
+    if not _plain_linear_head(model):  # generic fallback: the model's own logits, scored exactly
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:P + R - 1]
-        h, head = logits, None
-        fn = None
-    if fn is None:
-        logp_all = torch.log_softmax(h.float() / temperature, dim=-1)
+        logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
         logp = torch.where(mask, logp_all.gather(-1, response_ids.clamp(min=0)[..., None]).squeeze(-1), 0.0)
         ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
         tk = logp_all.gather(-1, topk_ids) if topk_ids is not None else None
         return logp, ent, tk
-    out = fn(h, head.weight, response_ids, temperature=temperature, chunk_size=chunk_size,
-             return_entropy=with_entropy, bias=head.bias, mask=mask)
-    logp, ent = (out if with_entropy else (out, None))
+    head = model.get_output_embeddings()
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+    h = hidden[:, P - 1:P + R - 1]
+    out = chunked_logprobs(h, head.weight, response_ids, temperature=temperature, chunk_size=chunk_size,
+                           return_entropy=with_entropy, bias=head.bias, mask=mask)
+    logp, ent = out if with_entropy else (out, None)
     tk = None
     if topk_ids is not None:
-        from drpo.ops.logprob import topk_logprobs
-
         with torch.no_grad():
             tk = topk_logprobs(h.detach(), head.weight.detach(), topk_ids, temperature=temperature,
                                chunk_size=chunk_size)
     return logp, ent, tk
-
-
-__all__ = ["response_logprobs", "naive_logprobs"]

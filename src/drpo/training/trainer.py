@@ -25,7 +25,7 @@ from drpo.evaluation.metrics import evaluate
 from drpo.evaluation.run import encoder, make_generate_fn
 from drpo.objectives import RolloutCorrection, policy_loss
 from drpo.rewards.base import math_reward, score_batch
-from drpo.rollout.engine import RolloutBatch, SamplingParams
+from drpo.rollout.engine import RolloutBatch, SamplingParams, decode_responses
 from drpo.rollout.factory import make_engine
 from drpo.rollout.precision import use_bf16_compute_
 from drpo.tasks.base import Example
@@ -115,10 +115,6 @@ class Trainer:
             raise ValueError(f"prompt of example {ex.id!r} is empty after tokenisation")
         return ids
 
-    def decode(self, batch: RolloutBatch) -> list[str]:
-        ids = batch.response_ids.masked_fill(batch.response_mask == 0, self.pad_id)
-        return self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
-
     # ------------------------------------------------------------------ one RL step
     def step(self, step: int) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
@@ -130,7 +126,7 @@ class Trainer:
         timing["time/rollout"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        texts = self.decode(batch)
+        texts = decode_responses(batch, self.tokenizer)
         rewards, rstats = score_batch(self.reward_fn, [examples[i] for i in batch.prompt_index.tolist()], texts)
         rewards_t = torch.tensor(rewards, dtype=torch.float32)
         finished = (batch.response_ids == self.tokenizer.eos_token_id).any(-1)
