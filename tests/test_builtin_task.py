@@ -56,17 +56,19 @@ def test_answers_are_correct(difficulty):
         assert len(ex.meta["operands"]) == LEVELS[difficulty].n_operands
 
 
-def test_demonstrations_are_correct_or_near_misses():
+def test_demonstrations_are_correct_or_copy_an_operand():
     task, rng = ArithmeticTask(), random.Random(0)
     examples = task.train_examples(2000)
     exact = [warmstart.boxed_answer(task.reference_response(e, rng)) == e.answer for e in examples]
     assert all(exact)
     hits = 0
     for ex in examples:
-        got = int(warmstart.boxed_answer(task.reference_response(ex, rng, p_correct=0.5)))
-        assert got >= 0 and abs(got - int(ex.answer)) <= 3
+        got = int(warmstart.boxed_answer(task.reference_response(ex, rng, p_correct=0.35)))
+        assert got == int(ex.answer) or got in ex.meta["operands"]
         hits += got == int(ex.answer)
-    assert 0.45 < hits / len(examples) < 0.55
+    # the right answer 35% of the time, plus the copies that happen to be right (an operand of 0)
+    zero = sum(0 in ex.meta["operands"] for ex in examples) / len(examples)
+    assert 0.31 < hits / len(examples) < 0.39 + zero
 
 
 def test_difficulty_changes_the_numbers():

@@ -60,7 +60,7 @@ METHODS: dict[str, Method] = {
     "drpo_kl": Method("DRPO + KL penalty", "drpo_kl", family="drpo"),
 }
 
-LR_STRESS = 3.0  # the learning-rate stress setting trains at this multiple of the base lr (3e-4 -> 9e-4)
+LR_STRESS = 3.0  # the learning-rate stress setting trains at this multiple of the base lr (1e-4 -> 3e-4)
 
 SETTINGS: dict[str, Setting] = {
     "fp8": Setting("FP8 rollout, K=4", ("rollout.precision=fp8", "train.minibatches=4")),

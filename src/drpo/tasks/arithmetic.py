@@ -213,11 +213,13 @@ class ArithmeticTask:
     def reference_response(example: Example, rng: random.Random, p_correct: float = 1.0) -> str:
         """A short demonstration: a random lead phrase, then ``\\boxed{ answer }``.
 
-        With probability ``1 - p_correct`` the boxed number is off by 1 to 3 (an imperfect
-        demonstrator, as in SFT data); the correct answer stays the most likely one.
+        With probability ``1 - p_correct`` the demonstrator takes a shortcut and boxes one of the
+        problem's operands instead of the result (a shallow heuristic, as imperfect SFT data has).
+        A model imitating it holds both behaviours, computing and copying, and samples between
+        them; a verifier reward can teach it to prefer the one that is right.
         """
         lead = rng.choice(LEADS).format(name=example.meta.get("name", "it"))
         answer = int(example.answer)
         if rng.random() >= p_correct:
-            answer += rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if answer + d >= 0])
+            answer = rng.choice(example.meta["operands"])
         return f"{lead} {boxed(answer)}"

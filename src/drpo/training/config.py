@@ -65,8 +65,8 @@ class RolloutConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(300, ge=0)
-    lr: float = Field(3e-4, gt=0)
+    steps: int = Field(150, ge=0)
+    lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
