@@ -141,3 +141,43 @@ def test_vllm_engine_without_vllm_or_gpu_is_a_clear_error():
 
     with pytest.raises(RuntimeError, match="vllm"):
         VLLMEngine(torch.nn.Linear(2, 2), precision="bf16", eos_id=0, pad_id=0)
+
+
+def test_full_logits_fallback_matches_the_chunked_path(policy, monkeypatch):
+    """Heads that are not a plain linear map (soft-capping, logit scale) are scored from the model's
+    own logits; on a plain head both paths must give the same log pi, entropy, top-K and gradient."""
+    from drpo.training import logprobs as lp_mod
+
+    tok, model, prompts = policy
+    b = _engine(model, tok, "fp32").generate(prompts, SamplingParams(n=2, max_new_tokens=8, logprobs_topk=3),
+                                             torch.Generator().manual_seed(1))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        lp, ent, tk = lp_mod.response_logprobs(model, b.prompt_ids, b.prompt_mask, b.response_ids,
+                                               b.response_mask, temperature=0.8, with_entropy=True,
+                                               topk_ids=b.topk_ids)
+        (lp.sum() + 0.1 * ent[b.response_mask.bool()].sum()).backward()
+        return lp.detach(), ent.detach(), tk.detach(), model.get_output_embeddings().weight.grad.clone()
+
+    chunked = run()
+    monkeypatch.setattr(lp_mod, "_plain_linear_head", lambda m: False)
+    full = run()
+    m = b.response_mask.bool()
+    assert torch.allclose(chunked[0][m], full[0][m], atol=1e-5)
+    assert torch.allclose(chunked[1][m], full[1][m], atol=1e-4)
+    assert torch.allclose(chunked[2][m], full[2][m], atol=1e-5)
+    assert torch.allclose(chunked[3], full[3], atol=1e-5)
+    assert (full[0][~m] == 0).all()
+
+
+def test_soft_capped_heads_take_the_fallback(policy):
+    from drpo.training.logprobs import _plain_linear_head
+
+    _, model, _ = policy
+    assert _plain_linear_head(model)
+    model.config.final_logit_softcapping = 30.0
+    try:
+        assert not _plain_linear_head(model)
+    finally:
+        model.config.final_logit_softcapping = None

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3ForCausalLM
 
+from drpo.objectives.metrics import MU_TAIL
 from drpo.models.tiny import build_tiny_model, tiny_qwen3_config
 from drpo.rewards.verify import extract_boxed
 from drpo.models.tokenizer import build_tokenizer
@@ -44,7 +45,6 @@ from drpo.tasks.arithmetic import DEFAULT_DIFFICULTY, ArithmeticTask
 from drpo.tasks.base import Example
 
 CODE_VERSION = "warmstart-v3"
-MU_TAIL = 0.01
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ import torch
 
 from drpo.objectives.registry import TokenInputs
 
+MU_TAIL = 0.01  # the long tail: sampled tokens with mu below this (the paper reports their share)
 MU_BUCKETS: tuple[tuple[str, float, float], ...] = (
-    ("mu<0.01", 0.0, 0.01),
+    ("mu<0.01", 0.0, MU_TAIL),
     ("mu<0.1", 0.01, 0.1),
     ("mu<0.5", 0.1, 0.5),
     ("mu>=0.5", 0.5, 1.01),

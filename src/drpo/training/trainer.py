@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from drpo.evaluation.metrics import evaluate
 from drpo.evaluation.run import encoder, make_generate_fn
 from drpo.objectives import RolloutCorrection, policy_loss
+from drpo.objectives.metrics import MU_TAIL
 from drpo.rewards.base import math_reward, score_batch
 from drpo.rollout.engine import RolloutBatch, SamplingParams, decode_responses
 from drpo.rollout.factory import make_engine
@@ -36,7 +37,6 @@ from drpo.training.logprobs import response_logprobs
 from drpo.training.models import load_policy
 from drpo.training.prompts import make_prompts, step_seed
 
-MU_TAIL = 0.01
 
 
 class TrainingDiverged(RuntimeError):
