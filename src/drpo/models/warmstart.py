@@ -37,10 +37,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3ForCausalLM
 
-from drpo.objectives.metrics import MU_TAIL
 from drpo.models.tiny import build_tiny_model, tiny_qwen3_config
-from drpo.rewards.verify import extract_boxed
 from drpo.models.tokenizer import build_tokenizer
+from drpo.objectives.metrics import MU_TAIL
+from drpo.rewards.verify import extract_boxed
 from drpo.tasks.arithmetic import DEFAULT_DIFFICULTY, ArithmeticTask
 from drpo.tasks.base import Example
 

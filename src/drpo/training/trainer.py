@@ -38,7 +38,6 @@ from drpo.training.models import load_policy
 from drpo.training.prompts import make_prompts, step_seed
 
 
-
 class TrainingDiverged(RuntimeError):
     """The loss or gradient became NaN/inf: the run stops after saving what was logged."""
 
