@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from drpo.models.warmstart import boxed_answer
 from drpo.tasks.arithmetic import ArithmeticTask
@@ -16,8 +17,12 @@ from drpo.tasks.arithmetic import ArithmeticTask
 
 def main(paths: list[str]) -> None:
     for path in paths:
-        result = json.load(open(path))
+        result = json.loads(Path(path).read_text())
         examples = {e.id: e for e in ArithmeticTask().heldout(result["n"])}
+        unknown = [row["id"] for row in result["per_example"] if row["id"] not in examples]
+        if unknown:
+            sys.exit(f"{path}: ids {unknown[:3]} are not built-in held-out problems; "
+                     "pass the output of `drpo eval --benchmark builtin`")
         n = wrong = copies = 0
         for row in result["per_example"]:
             ex = examples[row["id"]]
