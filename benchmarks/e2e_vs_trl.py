@@ -4,7 +4,7 @@
     PYTHONPATH=src python benchmarks/e2e_vs_trl.py --quick --out benchmarks/results/e2e_vs_trl_quick.json
 
 Both sides train the SAME model folder (the built-in warm-started tiny Qwen3), loaded the same way
-(``drpo.training.models.load_policy``: float32), on arithmetic prompts of difficulty 1, with the
+(``drpo.models.loading.load_policy``: float32), on arithmetic prompts of difficulty 1, with the
 same batch (P prompts x G samples each), the same sampling (temperature 1, top-p 1, no top-k,
 at most L new tokens, stopping at EOS), one optimiser step per rollout batch, the same learning
 rate, AdamW, gradient clipping at 1.0, no KL term, and the same number of threads, in the same
@@ -223,9 +223,9 @@ def run_trl(model: str, workdir: Path, a) -> dict:
 
     from drpo import verify
     from drpo.tasks.arithmetic import ArithmeticTask
-    from drpo.training.models import load_policy
+    from drpo.models.loading import load_policy
 
-    tokenizer, net = load_policy(model, seed=a.seed, progress=False)
+    tokenizer, net = load_policy(model, progress=False)
     n_rows = (a.steps + 1) * a.prompts * 2
     rows = ArithmeticTask(1).train_examples(n_rows)
     ds = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in rows])
@@ -317,7 +317,7 @@ def run_trl(model: str, workdir: Path, a) -> dict:
 def check_tokenizer(model: str) -> dict:
     """TRL tokenises plain-string prompts with special tokens on, ours with them off: same ids?"""
     from drpo.tasks.arithmetic import ArithmeticTask
-    from drpo.training.models import load_policy
+    from drpo.models.loading import load_policy
 
     tok, _ = load_policy(model, progress=False)
     prompts = [e.prompt for e in ArithmeticTask(1).train_examples(8)]
@@ -357,7 +357,7 @@ def main() -> None:
         a.prompts, a.group, a.steps, a.profile_steps = 4, 4, 3, 2
     torch.set_num_threads(a.threads)
 
-    from drpo.training.models import resolve_model
+    from drpo.models.loading import resolve_model
     import transformers
     import trl
 

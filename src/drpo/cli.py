@@ -1,10 +1,15 @@
-"""The ``drpo`` command line: train, eval, compare, geometry, objectives."""
+"""The ``drpo`` command line: train, eval, compare, geometry, objectives.
+
+A mistake in what the user typed or pointed at (a config key, a model folder, a device, an output
+path) is one red line and exit code 2, never a traceback; an interrupted run (Ctrl-C) says where it
+stopped and how to resume, and exits 130.
+"""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 
@@ -12,22 +17,33 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Trust-region objectives (DRPO, DPPO, SPO, PPO, ...) and a compact RL trainer for LLMs.")
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str, code: int = 2) -> NoReturn:
     typer.secho(msg, fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'fix your input': shown as one line, exit code 2."""
+    from drpo.models.loading import ModelLoadError
+    from drpo.rollout.engine import EngineUnavailable
+    from drpo.training.run_io import RunLocked
+    from drpo.utils.config import ConfigError
+
+    return (ConfigError, ModelLoadError, EngineUnavailable, RunLocked, FileExistsError, FileNotFoundError,
+            ValueError)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def train(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file"),
-    model: Optional[str] = typer.Option(None, "--model", help="'builtin', a local folder, or a hub id"),
+    model: Optional[str] = typer.Option(None, "--model", help="'builtin', 'builtin-moe', a local folder, or a hub id"),
     out: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<objective>-<time>)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     overrides: Optional[List[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. train.lr=1e-4"),
 ) -> None:
     """Run RL training (default: DRPO on the built-in arithmetic task with the built-in model)."""
-    from drpo.training.config import ConfigError, load_config
+    from drpo.training.config import load_config
     from drpo.training.trainer import Trainer, TrainingDiverged, default_out
 
     items = list(overrides or [])
@@ -35,28 +51,40 @@ def train(
         items.append(f"model={model}")
     if out is not None:
         items.append(f"out={out}")
+    if resume and out is None:
+        _fail("--resume needs --out (the run directory to continue)")
+    if resume and config is None and (Path(out) / "config.yaml").is_file():
+        config = Path(out) / "config.yaml"  # resume what was run; overrides may change only safe keys
     try:
         cfg = load_config(config, items)
-    except ConfigError as e:
+    except _user_errors() as e:
         _fail(str(e))
     if cfg.out is None:
-        if resume:
-            _fail("--resume needs --out (the run directory to continue)")
         cfg.out = default_out(cfg)
     try:
-        trainer = Trainer(cfg, resume=resume)
-        summary = trainer.train()
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        trainer = Trainer(cfg, resume=resume, notify=lambda msg: typer.secho(msg, fg=typer.colors.YELLOW, err=True))
+    except _user_errors() as e:
         _fail(f"error: {e}")
+    try:
+        summary = trainer.train()
+    except KeyboardInterrupt:
+        step = trainer.last_step
+        ckpt = trainer.last_checkpoint
+        where = f"after step {step}" if step else "before the first step"
+        resume_from = f"the checkpoint of step {ckpt}" if ckpt is not None else "step 0 (no checkpoint yet)"
+        _fail(f"interrupted {where}; resume with: drpo train --out {cfg.out} --resume  (restarts from {resume_from})",
+              code=130)
     except TrainingDiverged as e:
-        typer.secho(f"training stopped: {e}. Metrics logged so far are in {cfg.out}/metrics.jsonl",
-                    fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=1)
+        _fail(f"training stopped: {e}. Metrics logged so far are in {cfg.out}/metrics.jsonl", code=1)
+    except _user_errors() as e:
+        _fail(f"error: {e}")
     before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
     typer.echo(f"run directory: {summary['out']}")
-    if before is not None:
+    if before is not None and after is not None and before == before and after == after:  # not NaN
         typer.echo(f"held-out accuracy: before {before:.3f} -> after {after:.3f} "
                    f"({100 * (after - before):+.1f} points)")
+    else:
+        typer.echo("held-out accuracy: not measured (no held-out set: set task.eval_path, or eval.every=0)")
 
 
 @app.command("eval")
@@ -64,11 +92,11 @@ def eval_cmd(
     model: str = typer.Option("builtin", "--model", help="'builtin', a folder (e.g. a checkpoint), or a hub id"),
     benchmark: str = typer.Option("builtin", "--benchmark", "-b",
                                   help="builtin, aime24, aime25, amc23, math500, gsm8k, or a .jsonl path"),
-    k: int = typer.Option(4, "--k", help="samples per problem (avg@k, pass@k)"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="first N problems only"),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    max_new_tokens: int = typer.Option(16, "--max-new-tokens"),
+    k: int = typer.Option(4, "--k", min=1, help="samples per problem (avg@k, pass@k)"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N problems only"),
+    temperature: float = typer.Option(1.0, "--temperature", min=1e-6),
+    top_p: float = typer.Option(1.0, "--top-p", min=1e-6, max=1.0),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1),
     precision: str = typer.Option("fp32", "--precision", help="rollout precision: fp32, bf16, fp8"),
     chat_template: bool = typer.Option(False, "--chat-template/--no-chat-template"),
     question_field: str = typer.Option("problem", "--question-field"),
@@ -79,11 +107,16 @@ def eval_cmd(
     """avg@k and pass@k of a model on a benchmark."""
     from drpo.evaluation.run import run_eval
 
+    if out is not None:  # checked before the evaluation runs, so that its result cannot be lost
+        if out.is_dir():
+            _fail(f"--out {out} is a folder; give a file path, e.g. {out / 'eval.json'}")
+        if not out.parent.is_dir():
+            _fail(f"--out {out}: the folder {out.parent} does not exist")
     try:
         res = run_eval(model=model, benchmark=benchmark, k=k, limit=limit, temperature=temperature, top_p=top_p,
                        max_new_tokens=max_new_tokens, precision=precision, chat_template=chat_template,
                        question_field=question_field, answer_field=answer_field, seed=seed)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except _user_errors() as e:
         _fail(f"error: {e}")
     d = res.to_dict()
     d.pop("per_example", None)
@@ -97,6 +130,8 @@ def geometry(out: Path = typer.Option(Path("docs/figures"), "--out", help="folde
     """Plot the per-token gradient weight of PPO, DPPO, SPO and DRPO; print the table."""
     from drpo.experiments.geometry import run_geometry
 
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file; give the folder to write geometry.png and geometry.json into")
     run_geometry(out)
 
 
@@ -116,15 +151,15 @@ def compare(
     ctx: typer.Context,
     grid: str = typer.Option("default", "--grid", help="grid name (default, quick) or a YAML grid file"),
     out: Path = typer.Option(Path("runs/compare"), "--out"),
-    quick: bool = typer.Option(False, "--quick", help="the 2-method, 2-seed slice (a few minutes)"),
-    workers: int = typer.Option(1, "--workers", help="runs in parallel (each uses 1 thread)"),
+    quick: bool = typer.Option(False, "--quick", help="the small smoke-test grid (a few minutes)"),
+    workers: int = typer.Option(1, "--workers", min=1, help="runs in parallel (each uses 1 thread)"),
     report: Optional[Path] = typer.Option(None, "--report", help="report folder (default <out>/report)"),
     report_only: bool = typer.Option(False, "--report-only", help="only rebuild the report from finished runs"),
-    seeds: Optional[int] = typer.Option(None, "--seeds", help="seeds per block (default: the grid's)"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="train.steps of every run"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="seeds per block (default: the grid's)"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="train.steps of every run"),
     blocks: Optional[str] = typer.Option(None, "--blocks", help="comma-separated blocks to keep, e.g. main,delta"),
     model: Optional[str] = typer.Option(None, "--model", help="'builtin', a local folder, or a hub id"),
-    estimate: Optional[float] = typer.Option(None, "--estimate",
+    estimate: Optional[float] = typer.Option(None, "--estimate", min=0.0,
                                              help="seconds per run: print run counts and the wall-clock estimate, run nothing"),
 ) -> None:
     """Run a methods x settings x seeds grid (resumable) and write the report.
@@ -138,7 +173,7 @@ def compare(
         res = run_compare(grid="quick" if quick else grid, out=out, workers=workers, report=report,
                           report_only=report_only, seeds=seeds, steps=steps,
                           blocks=blocks.split(",") if blocks else None, overrides=items, estimate=estimate)
-    except ValueError as e:
+    except _user_errors() as e:
         _fail(f"error: {e}")
     if res["report"] is not None:
         typer.echo(f"report: {res['report']}")

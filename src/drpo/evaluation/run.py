@@ -6,36 +6,32 @@ from typing import Callable, Optional
 import torch
 
 from drpo.evaluation.metrics import EvalResult, GenerateFn, evaluate
-from drpo.rollout.engine import SamplingParams, decode_responses
+from drpo.models.text import TextCodec
+from drpo.rollout.engine import RolloutBatch, SamplingParams
 from drpo.tasks.base import Example
 
+# (prompt ids, sampling params) -> a rollout batch: an engine's ``generate`` with its random generator bound
+GenerateIds = Callable[[list[list[int]], SamplingParams], RolloutBatch]
 
-def make_generate_fn(engine, tokenizer, encode: Callable[[str], list[int]], params: SamplingParams,
-                     generator: Optional[torch.Generator] = None) -> GenerateFn:
-    """Adapt a rollout engine to ``generate_fn(prompts, n) -> n completions per prompt``."""
+
+def make_generate_fn(generate_ids: GenerateIds, codec: TextCodec, params: SamplingParams) -> GenerateFn:
+    """Adapt an engine's ``generate`` to ``generate_fn(prompts, n) -> n completions per prompt``."""
 
     def generate(prompts: list[str], n: int) -> list[list[str]]:
         p = SamplingParams(**{**params.__dict__, "n": n})
-        texts = decode_responses(engine.generate([encode(x) for x in prompts], p, generator), tokenizer)
+        batch = generate_ids([codec.encode(x) for x in prompts], p)
+        texts = codec.decode(batch.response_ids, batch.response_mask)
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     return generate
-
-
-def encoder(tokenizer, chat_template: bool) -> Callable[[str], list[int]]:
-    def encode(prompt: str) -> list[int]:
-        if chat_template and getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                 add_generation_prompt=True, tokenize=True)
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-
-    return encode
 
 
 def load_examples(benchmark: str, *, question_field: str, answer_field: str, limit: Optional[int]) -> list[Example]:
     """'builtin' (the arithmetic held-out split), a shipped benchmark name, or a jsonl path."""
     from drpo.tasks.datasets import BENCHMARKS, load_benchmark, load_jsonl
 
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (or omitted for all problems), got {limit}")
     if benchmark == "builtin":
         from drpo.tasks.arithmetic import ArithmeticTask
 
@@ -50,14 +46,15 @@ def load_examples(benchmark: str, *, question_field: str, answer_field: str, lim
 
 def run_eval(*, model: str, benchmark: str, k: int, limit: Optional[int], temperature: float, top_p: float,
              max_new_tokens: int, precision: str, chat_template: bool, question_field: str, answer_field: str,
-             seed: int) -> EvalResult:
+             seed: int, progress: bool = True) -> EvalResult:
+    from drpo.models.loading import load_policy
     from drpo.rollout.engine import HFRolloutEngine
-    from drpo.training.models import load_policy
 
     examples = load_examples(benchmark, question_field=question_field, answer_field=answer_field, limit=limit)
-    tokenizer, net = load_policy(model)
+    tokenizer, net = load_policy(model, progress=progress)
     engine = HFRolloutEngine(net, precision=precision, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-    gen = make_generate_fn(engine, tokenizer, encoder(tokenizer, chat_template), params,
-                           torch.Generator().manual_seed(seed))
-    return evaluate(gen, examples, k=k)
+    codec = TextCodec(tokenizer, chat_template=chat_template)
+    rng = torch.Generator().manual_seed(seed)
+    gen = make_generate_fn(lambda ids, p: engine.generate(ids, p, rng), codec, params)
+    return evaluate(gen, examples, k=k, progress=progress)

@@ -91,7 +91,7 @@ def _write_manifest(out: Path, grid: Grid, entries: dict[str, dict[str, Any]]) -
 
 def run_grid(grid: Grid, out: Path, workers: int = 1) -> dict[str, dict[str, Any]]:
     """Run every unfinished run of ``grid`` under ``out``; returns {slug: manifest entry}."""
-    from drpo.training.models import resolve_model
+    from drpo.models.loading import resolve_model
 
     out.mkdir(parents=True, exist_ok=True)
     actions = {r.slug: plan(r, out) for r in grid.runs}

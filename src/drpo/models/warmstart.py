@@ -35,14 +35,14 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3ForCausalLM
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-from drpo.models.tiny import build_tiny_model, tiny_qwen3_config
+from drpo.models.tiny import build_tiny_model, tiny_config
 from drpo.models.tokenizer import build_tokenizer
-from drpo.objectives.metrics import MU_TAIL
 from drpo.rewards.verify import extract_boxed
 from drpo.tasks.arithmetic import DEFAULT_DIFFICULTY, ArithmeticTask
 from drpo.tasks.base import Example
+from drpo.utils.constants import MU_TAIL
 
 CODE_VERSION = "warmstart-v3"
 
@@ -93,7 +93,7 @@ def encode_pairs(tok: PreTrainedTokenizerFast, prompts: list[str], responses: li
 
 
 @torch.no_grad()
-def sample_responses(model: Qwen3ForCausalLM, tok: PreTrainedTokenizerFast, prompts: list[str],
+def sample_responses(model: PreTrainedModel, tok: PreTrainedTokenizerFast, prompts: list[str],
                      *, greedy: bool = False, max_new_tokens: int = 16
                      ) -> tuple[list[str], torch.Tensor]:
     """Decoded responses, and the probabilities of every sampled token (EOS included)."""
@@ -112,7 +112,7 @@ def sample_responses(model: Qwen3ForCausalLM, tok: PreTrainedTokenizerFast, prom
     return texts, probs[valid]
 
 
-def heldout_accuracy(model: Qwen3ForCausalLM, tok: PreTrainedTokenizerFast,
+def heldout_accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerFast,
                      examples: list[Example], *, greedy: bool = False, max_new_tokens: int = 16,
                      batch_size: int = 128) -> tuple[float, float]:
     """Exact-match accuracy of the last boxed answer, and the share of tokens with mu < 0.01."""
@@ -137,9 +137,13 @@ def cache_key(config_dict: dict, vocab: dict, task_settings: dict, seed: int,
 
 def warm_start(*, cache_dir: Path | None = None, target_band: tuple[float, float] = (0.15, 0.40),
                stop_at: float = 0.20, seed: int = 0, progress: bool = True,
-               hparams: WarmStartHParams = WarmStartHParams(), model_overrides: dict | None = None
-               ) -> Path:
-    """Train (or fetch from cache) the warm-started tiny model; returns its folder.
+               hparams: WarmStartHParams = WarmStartHParams(), model_overrides: dict | None = None,
+               arch: str = "dense") -> Path:
+    """Train (or fetch from cache) the warm-started tiny model (``arch`` 'dense' Qwen3 or 'moe'
+    Qwen3-MoE); returns its folder.
+
+    The MoE model trains with its router load-balancing loss (``router_aux_loss_coef``), as MoE
+    models are pre-trained, so that its experts are used.
 
     Evaluates held-out sampled accuracy every ``hparams.eval_every`` steps and stops at the first
     evaluation with accuracy in ``[stop_at, target_band[1]]``. If an evaluation jumps past the band,
@@ -148,9 +152,8 @@ def warm_start(*, cache_dir: Path | None = None, target_band: tuple[float, float
     """
     lo, hi = target_band
     tok = build_tokenizer()
-    config = tiny_qwen3_config(len(tok), pad_token_id=tok.pad_token_id,
-                               eos_token_id=tok.eos_token_id, bos_token_id=None,
-                               **(model_overrides or {}))
+    config = tiny_config(arch, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=None, **(model_overrides or {}))
     task = ArithmeticTask(difficulty=hparams.difficulty, seed=seed)
     key = cache_key(config.to_dict(), tok.get_vocab(), task.settings, seed, hparams, target_band,
                     stop_at)
@@ -174,7 +177,7 @@ def warm_start(*, cache_dir: Path | None = None, target_band: tuple[float, float
         examples = [next(stream) for _ in range(hparams.batch_size)]
         batch = encode_pairs(tok, [e.prompt for e in examples],
                              [task.reference_response(e, rng, hparams.demo_accuracy) for e in examples])
-        loss = model(**batch).loss
+        loss = model(**batch, **({"output_router_logits": True} if arch == "moe" else {})).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

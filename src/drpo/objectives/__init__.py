@@ -6,7 +6,7 @@ drpo (drpo_small_delta, drpo_no_adv, mask_drpo, drpo_kl, drpo_k3).
 """
 from drpo.objectives import divergence, ratio_based  # noqa: F401  (registers the objectives)
 from drpo.objectives.aggregation import AGG_MODES, aggregate
-from drpo.objectives.api import policy_loss
+from drpo.objectives.api import NonFiniteInput, policy_loss
 from drpo.objectives.registry import (
     ObjectiveOutput,
     TokenInputs,
@@ -18,6 +18,6 @@ from drpo.objectives.registry import (
 from drpo.objectives.rollout_correction import RolloutCorrection
 
 __all__ = [
-    "AGG_MODES", "aggregate", "policy_loss", "ObjectiveOutput", "TokenInputs", "get_objective",
+    "AGG_MODES", "aggregate", "policy_loss", "NonFiniteInput", "ObjectiveOutput", "TokenInputs", "get_objective",
     "list_objectives", "register_objective", "register_preset", "RolloutCorrection",
 ]

@@ -5,7 +5,7 @@
 The steps, in order:
 1. check the inputs (shapes, finiteness at unmasked positions, a non-empty mask, parameters);
 2. compute in float32 whatever the input dtype; sanitise masked positions so that padding garbage
-   (NaN, inf) contributes exactly zero loss and zero gradient; clamp log r to [-20, 20];
+   (NaN, inf) contributes exactly zero loss and zero gradient; clamp log r to +-LOG_RATIO_CLAMP;
 3. the objective's per-token loss L (registry), times rollout-correction weights if asked;
 4. aggregate L over tokens (``agg_mode``, optionally with global counts);
 5. metrics: what the trust region did (gradient weights from autograd, |pi - mu|, buckets by mu).
@@ -18,20 +18,23 @@ import torch
 
 from drpo.objectives.aggregation import aggregate
 from drpo.objectives.metrics import trust_region_metrics
-from drpo.objectives.registry import Objective, TokenInputs, get_objective
+from drpo.objectives.registry import LOG_RATIO_CLAMP, Objective, TokenInputs, get_objective
 from drpo.objectives.rollout_correction import RolloutCorrection, correction_weights
 
-LOG_RATIO_CLAMP = 20.0
 # Log-probs computed in low precision can round to slightly above 0; beyond this it is a bug upstream.
 _LOGPROB_TOL = 1e-2
 DEFAULT_REPORT_BOUNDARY = 0.15
+
+
+class NonFiniteInput(ValueError):
+    """An input holds NaN or inf at an unmasked position (a trainer treats it as divergence)."""
 
 
 def _finite_where(t: torch.Tensor, mask: torch.Tensor, name: str) -> None:
     bad = ~torch.isfinite(t.detach()) & mask
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{name} has NaN or inf at an unmasked position (first at index {idx})")
+        raise NonFiniteInput(f"{name} has NaN or inf at an unmasked position (first at index {idx})")
 
 
 def _check_logprob(t: torch.Tensor, mask: torch.Tensor, name: str) -> None:
@@ -64,6 +67,11 @@ def build_inputs(
         raise ValueError(
             f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} or ({shape[0]},)"
         )
+    if mask.dtype != torch.bool:
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(f"mask must hold only 0 and 1 (or be bool), found {mask[bad].flatten()[0].item()!r} "
+                             f"at index {tuple(int(i) for i in bad.nonzero()[0])}")
     mask = mask.bool()
     if not bool(mask.any()):
         raise ValueError("mask is all zero: no response token to train on")

@@ -9,16 +9,12 @@ from typing import Optional
 
 import torch
 
-from drpo.objectives.registry import ObjectiveOutput, TokenInputs, register_objective, register_preset
+from drpo.objectives.metrics import masked_mean
+from drpo.objectives.registry import ObjectiveOutput, TokenInputs, register_objective, register_preset, require
 
 DPPO_DIVERGENCES = ("binary_tv", "binary_kl", "topk_tv", "topk_kl")
 DRPO_DIVERGENCES = ("tv", "binary_kl", "k3")
 _EPS = 1e-8
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
 
 
 def _binary_kl(mu: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
@@ -53,7 +49,7 @@ def _topk_divergence(x: TokenInputs, kind: str) -> torch.Tensor:
     need = {"topk_log_prob": x.topk_log_prob, "behavior_topk_log_prob": x.behavior_topk_log_prob,
             "topk_ids": x.topk_ids, "sampled_ids": x.sampled_ids}
     missing = [k for k, v in need.items() if v is None]
-    _check(not missing, f"dppo divergence {kind!r} needs the extra inputs {missing}")
+    require(not missing, f"dppo divergence {kind!r} needs the extra inputs {missing}")
     pi_k = torch.exp(x.topk_log_prob.detach().float())
     mu_k = torch.exp(x.behavior_topk_log_prob.float())
     in_topk = (x.topk_ids == x.sampled_ids.unsqueeze(-1)).any(-1)
@@ -87,10 +83,10 @@ def dppo(
         L     = -M * A * sg(min(r, c) / r) * r        (value -M A min(r, c))
         dL/dlog pi = -M * A * min(r, c)               (c = clip_c, infinite when None)
     """
-    _check(delta > 0, f"dppo: delta must be > 0, got {delta}")
-    _check(divergence in DPPO_DIVERGENCES,
+    require(delta > 0, f"dppo: delta must be > 0, got {delta}")
+    require(divergence in DPPO_DIVERGENCES,
            f"dppo: unknown divergence {divergence!r}; known: {list(DPPO_DIVERGENCES)}")
-    _check(clip_c is None or clip_c > 0, f"dppo: clip_c must be > 0, got {clip_c}")
+    require(clip_c is None or clip_c > 0, f"dppo: clip_c must be > 0, got {clip_c}")
     with torch.no_grad():
         if divergence == "binary_tv":
             d = (x.prob - x.behavior_prob).abs()
@@ -121,10 +117,10 @@ def spo(x: TokenInputs, *, epsilon: float = 12.5) -> ObjectiveOutput:
     SPO's own paper pairs epsilon = 0.2 with PPO's clip; the DRPO paper runs SPO at 12.5 (the same
     number as its delta), which is the default here.
     """
-    _check(epsilon > 0, f"spo: epsilon must be > 0, got {epsilon}")
+    require(epsilon > 0, f"spo: epsilon must be > 0, got {epsilon}")
     A, r = x.advantages, x.ratio
     penalty = A.abs() * (r - 1.0) ** 2 / (2.0 * epsilon)
-    return ObjectiveOutput(loss=-(r * A - penalty), metrics=_mean_metric("penalty_mean", penalty, x.mask))
+    return ObjectiveOutput(loss=-(r * A - penalty), metrics={"penalty_mean": float(masked_mean(penalty.detach(), x.mask))})
 
 
 @register_objective("drpo")
@@ -159,11 +155,11 @@ def drpo(
                               harmful side (plain r A inside), i.e. DPPO's mask replaced by DRPO's
                               corrective weight.
     """
-    _check(delta > 0, f"drpo: delta must be > 0, got {delta}")
-    _check(penalty_coef >= 0, f"drpo: penalty_coef must be >= 0, got {penalty_coef}")
-    _check(divergence in DRPO_DIVERGENCES,
+    require(delta > 0, f"drpo: delta must be > 0, got {delta}")
+    require(penalty_coef >= 0, f"drpo: penalty_coef must be >= 0, got {penalty_coef}")
+    require(divergence in DRPO_DIVERGENCES,
            f"drpo: unknown divergence {divergence!r}; known: {list(DRPO_DIVERGENCES)}")
-    _check(not (ratio_penalty and divergence == "binary_kl"),
+    require(not (ratio_penalty and divergence == "binary_kl"),
            "drpo: ratio_penalty applies to the 'tv' and 'k3' divergences, not 'binary_kl'")
     A, r, mu = x.advantages, x.ratio, x.behavior_prob
     weight = torch.ones_like(mu) if ratio_penalty else mu
@@ -177,7 +173,7 @@ def drpo(
     penalty = coef * d / delta
     if mask_only:
         penalty = penalty * outside_binary_tv(x, delta).float()
-    return ObjectiveOutput(loss=-(r * A - penalty), metrics=_mean_metric("penalty_mean", penalty, x.mask))
+    return ObjectiveOutput(loss=-(r * A - penalty), metrics={"penalty_mean": float(masked_mean(penalty.detach(), x.mask))})
 
 
 register_preset("drpo_small_delta", "drpo", doc="DRPO with DPPO's geometry: delta 0.15.", delta=0.15)
@@ -189,8 +185,3 @@ register_preset("drpo_kl", "drpo", doc="Ablation: binary-KL penalty instead of t
                 divergence="binary_kl")
 register_preset("drpo_k3", "drpo", doc="Ablation: k3 KL-estimator penalty instead of the TV quadratic.",
                 divergence="k3")
-
-
-def _mean_metric(name: str, values: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    m = mask.float()
-    return {name: float((values.detach() * m).sum() / m.sum().clamp(min=1.0))}

@@ -10,12 +10,11 @@ from typing import Optional
 
 import torch
 
-from drpo.objectives.registry import ObjectiveOutput, TokenInputs, register_objective, register_preset
+from drpo.objectives.registry import ObjectiveOutput, TokenInputs, register_objective, register_preset, require
 
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
+# verl's core_algos clamps GSPO's sequence log-ratio at 10 ("for numerical stability": s <= e^10);
+# the same clamp keeps our GSPO loss equal to verl's (tests/test_integration_verl.py)
+GSPO_LOG_RATIO_MAX = 10.0
 
 
 @register_objective("pg_is")
@@ -41,9 +40,9 @@ def ppo(
     i.e. for A > 0 when r > 1 + clip_high, for A < 0 when r < 1 - clip_low, and (dual-clip)
     for A < 0 when r > clip_c.
     """
-    _check(0.0 < clip_low < 1.0, f"ppo: clip_low must be in (0, 1), got {clip_low}")
-    _check(clip_high > 0.0, f"ppo: clip_high must be > 0, got {clip_high}")
-    _check(clip_c is None or clip_c > 1.0, f"ppo: clip_c must be > 1 (dual-clip), got {clip_c}")
+    require(0.0 < clip_low < 1.0, f"ppo: clip_low must be in (0, 1), got {clip_low}")
+    require(clip_high > 0.0, f"ppo: clip_high must be > 0, got {clip_high}")
+    require(clip_c is None or clip_c > 1.0, f"ppo: clip_c must be > 1 (dual-clip), got {clip_c}")
     A, r = x.advantages, x.ratio
     unclipped = -A * r
     clipped = -A * torch.clamp(r, 1.0 - clip_low, 1.0 + clip_high)
@@ -75,8 +74,8 @@ def cispo(
     MiniMax-M1 sets no lower bound (``clip_low=None``) and tunes only the upper one; the default
     upper bound r <= 5 equals TRL's ``epsilon_high=5.0`` for CISPO.
     """
-    _check(clip_low is None or 0.0 < clip_low <= 1.0, f"cispo: clip_low must be in (0, 1], got {clip_low}")
-    _check(clip_high > 0.0, f"cispo: clip_high must be > 0, got {clip_high}")
+    require(clip_low is None or 0.0 < clip_low <= 1.0, f"cispo: clip_low must be in (0, 1], got {clip_low}")
+    require(clip_high > 0.0, f"cispo: clip_high must be > 0, got {clip_high}")
     low = 0.0 if clip_low is None else 1.0 - clip_low
     w = torch.clamp(x.ratio, low, 1.0 + clip_high).detach()
     truncated = (w != x.ratio) & x.mask
@@ -96,12 +95,12 @@ def gspo(x: TokenInputs, *, clip_low: float = 3e-4, clip_high: float = 4e-4) -> 
     The paper aggregates with ``seq-mean-token-mean``; pass ``agg_mode`` accordingly.
     Defaults are the paper's 3e-4 / 4e-4.
     """
-    _check(0.0 < clip_low < 1.0, f"gspo: clip_low must be in (0, 1), got {clip_low}")
-    _check(clip_high > 0.0, f"gspo: clip_high must be > 0, got {clip_high}")
+    require(0.0 < clip_low < 1.0, f"gspo: clip_low must be in (0, 1), got {clip_low}")
+    require(clip_high > 0.0, f"gspo: clip_high must be > 0, got {clip_high}")
     m = x.mask.float()
     n = m.sum(-1, keepdim=True).clamp(min=1.0)
     log_s = (x.log_ratio * m).sum(-1, keepdim=True) / n
-    log_s_t = torch.clamp(x.log_prob - x.log_prob.detach() + log_s.detach(), max=10.0)
+    log_s_t = torch.clamp(x.log_prob - x.log_prob.detach() + log_s.detach(), max=GSPO_LOG_RATIO_MAX)
     s_t = torch.exp(log_s_t)
     A = x.advantages
     unclipped = -A * s_t

@@ -20,10 +20,21 @@ A *preset* is a registered name that calls another objective with other defaults
 from __future__ import annotations
 
 import inspect
+import typing
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Optional
 
 import torch
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+LOG_RATIO_CLAMP = 20.0  # |log r| is clamped here everywhere (ratio, rollout correction): exp stays finite
+
+
+def require(cond: bool, msg: str) -> None:
+    """Raise ``ValueError(msg)`` unless ``cond``: how objectives check their parameters."""
+    if not cond:
+        raise ValueError(msg)
 
 
 @dataclass
@@ -35,7 +46,7 @@ class TokenInputs:
 
     log_prob          log pi(y_t)      -- differentiable, the trainer's current policy
     behavior_log_prob log mu(y_t)      -- the anchor (rollout engine, or recomputed old policy)
-    log_ratio         log r = clamp(log pi - log mu, -20, 20)
+    log_ratio         log r = clamp(log pi - log mu, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio             r = pi / mu
     prob, behavior_prob  pi(y_t), mu(y_t)
     advantages        A, broadcast to (B, T)
@@ -92,8 +103,15 @@ class Objective:
         out.update(self.preset)
         return out
 
+    @cached_property
+    def _param_types(self) -> dict[str, TypeAdapter]:
+        hints = typing.get_type_hints(self.fn)
+        strict = ConfigDict(strict=True)  # '12.5' is not a float, True is not a number
+        return {k: TypeAdapter(hints[k], config=strict) for k in self.param_defaults if k in hints}
+
     def resolve_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Merge user params over the defaults; unknown names are a ValueError that lists the known."""
+        """Merge user params over the defaults. Unknown names, and values of the wrong type (by the
+        function's annotations), are a ValueError that names the parameter."""
         known = self.param_defaults
         unknown = sorted(set(params) - set(known))
         if unknown:
@@ -101,7 +119,33 @@ class Objective:
                 f"objective {self.name!r} got unknown parameter(s) {unknown}; "
                 f"its parameters are {sorted(known)}"
             )
+        for k, v in params.items():
+            if k in self._param_types:
+                try:
+                    self._param_types[k].validate_python(v)
+                except ValidationError:
+                    want = typing.get_type_hints(self.fn)[k]
+                    raise ValueError(f"objective {self.name!r}: parameter {k!r} must be of type "
+                                     f"{getattr(want, '__name__', want)}, got {v!r} "
+                                     f"({type(v).__name__})") from None
         return {**known, **params}
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`resolve_params`, then one call of the objective on a 1-token dummy input, so that
+        its own value checks (``delta > 0``, a known ``divergence``, ...) run before any training."""
+        p = self.resolve_params(params)
+        self.fn(dummy_inputs(), **p)
+        return p
+
+
+def dummy_inputs() -> TokenInputs:
+    """One unmasked token with every optional input present (Top-K of size 1)."""
+    one = torch.ones(1, 1)
+    lp = torch.full((1, 1), -0.5)
+    return TokenInputs(log_prob=lp, behavior_log_prob=lp, log_ratio=0 * one, ratio=one, prob=lp.exp(),
+                       behavior_prob=lp.exp(), advantages=one, mask=one.bool(),
+                       topk_log_prob=lp[..., None], behavior_topk_log_prob=lp[..., None],
+                       topk_ids=torch.zeros(1, 1, 1, dtype=torch.long), sampled_ids=torch.zeros(1, 1, dtype=torch.long))
 
 
 _REGISTRY: dict[str, Objective] = {}

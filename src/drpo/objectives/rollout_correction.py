@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from drpo.objectives.registry import LOG_RATIO_CLAMP
+
 LEVELS = ("token", "sequence")
 MODES = ("truncate", "mask")
 
@@ -62,9 +64,9 @@ def correction_weights(
     rc: RolloutCorrection,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Detached per-token weights (B, T) for ``rc`` and their metrics."""
-    log_rho = torch.where(mask, old_log_prob.float() - rollout_log_prob.float(), 0.0).clamp(-20.0, 20.0)
+    log_rho = torch.where(mask, old_log_prob.float() - rollout_log_prob.float(), 0.0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if rc.level == "sequence":
-        log_rho = log_rho.sum(-1, keepdim=True).clamp(-20.0, 20.0).expand_as(log_rho)
+        log_rho = log_rho.sum(-1, keepdim=True).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).expand_as(log_rho)
     rho = torch.exp(log_rho).detach()
     if rc.mode == "truncate":
         w = torch.clamp(rho, max=rc.upper)

@@ -302,16 +302,35 @@ def naive_logprobs(
     z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         z = z + bias.to(dtype)
+    logp, entropy, _ = logprobs_from_logits(z, targets, temperature=temperature,
+                                            return_entropy=return_entropy, mask=mask)
+    return (logp, entropy) if return_entropy else logp
+
+
+def logprobs_from_logits(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    mask: Tensor | None = None,
+    extra_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """From full logits z (..., V): log p = log_softmax(z / T) at ``targets`` (...), the entropy
+    H = -sum_j p_j log p_j when asked, and log p at ``extra_ids`` (..., K) when given (no mask).
+    Computes in float32 (float64 logits stay float64); masked positions are zeroed."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature != 1.0:
         z = z / temperature
     logp_all = torch.log_softmax(z, dim=-1)
     safe_targets = targets.long() if mask is None else targets.long().masked_fill(~mask, 0)
     logp = logp_all.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(dim=-1) if return_entropy else None
+    extra = logp_all.gather(-1, extra_ids.long()) if extra_ids is not None else None
     if mask is not None:
         logp = logp.masked_fill(~mask, 0.0)
         entropy = None if entropy is None else entropy.masked_fill(~mask, 0.0)
-    return (logp, entropy) if return_entropy else logp
+    return logp, entropy, extra
 
 
 @torch.no_grad()

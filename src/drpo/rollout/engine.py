@@ -22,6 +22,10 @@ from torch import nn
 from drpo.rollout.precision import PRECISIONS, quantize_weights_, use_bf16_compute_
 
 
+class EngineUnavailable(RuntimeError):
+    """The rollout engine named in the config cannot run here (e.g. vLLM is not installed)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0
@@ -68,12 +72,6 @@ class RolloutBatch:
         return RolloutBatch(*(pick(getattr(self, f)) for f in (
             "prompt_ids", "prompt_mask", "response_ids", "response_mask", "behavior_log_prob",
             "prompt_index", "topk_log_prob", "topk_ids")))
-
-
-def decode_responses(batch: RolloutBatch, tokenizer) -> list[str]:
-    """Response texts of ``batch`` (positions after EOS dropped, special tokens skipped)."""
-    ids = batch.response_ids.masked_fill(batch.response_mask == 0, tokenizer.pad_token_id)
-    return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,14 +3,24 @@ from __future__ import annotations
 
 from torch import nn
 
-from drpo.rollout.engine import HFRolloutEngine
-from drpo.training.config import RolloutConfig
+from drpo.rollout.config import RolloutConfig
+from drpo.rollout.engine import EngineUnavailable, HFRolloutEngine
 
 
-def make_engine(cfg: RolloutConfig, model: nn.Module, *, eos_id: int, pad_id: int):
+def require_vllm() -> None:
+    """Fail in one line when vLLM is not importable here (it lives in its own venv, .venv-vllm)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise EngineUnavailable("rollout.engine='vllm' needs vLLM, which is not installed in this environment: "
+                                "run `make setup-vllm` and use .venv-vllm/bin/drpo") from None
+
+
+def make_engine(cfg: RolloutConfig, model: nn.Module, *, eos_id: int, pad_id: int, seed: int = 0):
     if cfg.engine == "vllm":
         from drpo.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model, precision=cfg.precision, eos_id=eos_id, pad_id=pad_id)
+        return VLLMEngine(model, precision=cfg.precision, eos_id=eos_id, pad_id=pad_id, max_batch=cfg.max_batch,
+                          seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization)
     return HFRolloutEngine(model, precision=cfg.precision, eos_id=eos_id, pad_id=pad_id,
                            max_batch=cfg.max_batch)

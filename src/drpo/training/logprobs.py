@@ -7,7 +7,7 @@ concatenation predicts token p+1, so the hidden states at [P-1, P+R-1) score the
 
 computed chunk by chunk by :func:`drpo.ops.logprob.chunked_logprobs` (never materialising the
 N x V logits). Models whose head is not a plain linear map (logit soft-capping or scaling) fall
-back to the full logits.
+back to the full logits (:func:`drpo.ops.logprob.logprobs_from_logits`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from drpo.ops.logprob import chunked_logprobs, topk_logprobs
+from drpo.ops.logprob import chunked_logprobs, logprobs_from_logits, topk_logprobs
 
 
 def _plain_linear_head(model: nn.Module) -> bool:
@@ -46,11 +46,8 @@ def response_logprobs(
     mask = response_mask.bool()
     if not _plain_linear_head(model):  # generic fallback: the model's own logits, scored exactly
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:P + R - 1]
-        logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
-        logp = torch.where(mask, logp_all.gather(-1, response_ids.clamp(min=0)[..., None]).squeeze(-1), 0.0)
-        ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
-        tk = logp_all.gather(-1, topk_ids) if topk_ids is not None else None
-        return logp, ent, tk
+        return logprobs_from_logits(logits, response_ids, temperature=temperature, return_entropy=with_entropy,
+                                    mask=mask, extra_ids=topk_ids)
     head = model.get_output_embeddings()
     hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
     h = hidden[:, P - 1:P + R - 1]

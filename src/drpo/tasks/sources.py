@@ -1,4 +1,4 @@
-"""Prompt sources for the trainer: deterministic in (seed, step), so a resumed run sees the same data.
+"""Prompt sources: deterministic in (seed, step), so a resumed run (or a rollout worker) sees the same data.
 
     ArithmeticPrompts  the built-in task: batch ``step`` is drawn with an RNG seeded by (seed, step)
     JsonlPrompts       a jsonl dataset: one seeded permutation per epoch, batch ``step`` is the
@@ -10,17 +10,13 @@ import random
 from typing import Protocol, Sequence
 
 from drpo.tasks.base import Example
-from drpo.training.config import TaskConfig
+from drpo.tasks.config import TaskConfig
+from drpo.utils.seeding import SALT_DATA_ORDER, SALT_TRAIN_PROMPTS, step_seed
 
 
 class PromptSource(Protocol):
     def train_batch(self, step: int, n: int) -> list[Example]: ...
     def heldout(self, n: int) -> list[Example]: ...
-
-
-def step_seed(seed: int, step: int, salt: int = 0) -> int:
-    """A distinct, reproducible seed per (run seed, step, purpose)."""
-    return (seed * 1_000_003 + step * 7_919 + salt * 104_729) % (2**31 - 1)
 
 
 class ArithmeticPrompts:
@@ -31,7 +27,7 @@ class ArithmeticPrompts:
         self.seed = seed
 
     def train_batch(self, step: int, n: int) -> list[Example]:
-        return self.task.train_examples(n, rng=random.Random(step_seed(self.seed, step, salt=1)))
+        return self.task.train_examples(n, rng=random.Random(step_seed(self.seed, step, SALT_TRAIN_PROMPTS)))
 
     def heldout(self, n: int) -> list[Example]:
         return self.task.heldout(n)
@@ -54,7 +50,7 @@ class JsonlPrompts:
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             order = list(range(len(self.train)))
-            random.Random(step_seed(self.seed, epoch, salt=2)).shuffle(order)
+            random.Random(step_seed(self.seed, epoch, SALT_DATA_ORDER)).shuffle(order)
             self._orders = {epoch: order}  # only the current epoch is kept
         return self._orders[epoch]
 

@@ -1,0 +1,46 @@
+"""Text <-> token ids for prompts and responses: the one place the trainer, the rollout workers and
+the evaluation turn text into ids and back.
+
+    encode(prompt) = the prompt's ids (through the chat template when asked and the tokenizer has
+                     one), checked against the longest prompt the run allows
+    decode(ids, mask) = response texts, positions after EOS (mask 0) dropped, special tokens skipped
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class PromptTooLong(ValueError):
+    """A prompt has more tokens than the run allows."""
+
+
+class TextCodec:
+    def __init__(self, tokenizer, *, chat_template: bool = False, max_prompt_tokens: Optional[int] = None,
+                 limit_source: str = "task.max_prompt_tokens") -> None:
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
+        self.max_prompt_tokens = max_prompt_tokens
+        self.limit_source = limit_source  # where the limit comes from, for the error message
+
+    def encode(self, prompt: str, name: str = "") -> list[int]:
+        """Token ids of ``prompt``; ``name`` identifies it in errors (e.g. the example id)."""
+        if self.chat_template:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        else:
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        label = name or repr(prompt[:40])
+        if not ids:
+            raise ValueError(f"prompt {label} is empty after tokenisation")
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise PromptTooLong(f"prompt {label} has {len(ids)} tokens, over {self.limit_source}="
+                                f"{self.max_prompt_tokens}")
+        return ids
+
+    def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+        """Response texts of a (N, R) batch; masked positions (after EOS) are dropped."""
+        ids = response_ids.masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)

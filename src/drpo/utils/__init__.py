@@ -1,0 +1,1 @@
+"""Helpers every layer may use; this package imports nothing else from drpo."""
