@@ -25,17 +25,16 @@ With ``per_device_train_batch_size = P*G`` and ``gradient_accumulation_steps=1``
 ``steps_per_generation`` is 1: one generation batch of P*G completions per optimiser step, and
 no separate old-policy log-prob pass (the same as ours with ``train.anchor=rollout``).
 
-After the timed steps, a few more steps of OUR trainer run with timers wrapped around its
-pieces (without editing the trainer): the rollout, reward and sync times it logs itself, plus
-``Trainer._logprobs`` (the log-prob forward with grad), ``torch.Tensor.backward``, the
-objective (``policy_loss``), gradient clipping and ``optimizer.step``. The same is done, more
-coarsely, for TRL, during its timed run (``_generate_and_score_completions``, ``compute_loss``
-= log-prob forward + objective, ``torch.Tensor.backward``, the optimizer's step).
+Where our step's time goes comes from the phase timings the trainer logs with every step
+(``time/rollout``, ``time/reward``, ``time/logprob``, ``time/loss``, ``time/backward``,
+``time/optimizer``, ``time/update``, ``time/publish``, ``time/step``), averaged over the timed
+steps. For TRL, which logs no such split, its pieces are timed by wrapping them during its timed
+run (``_generate_and_score_completions``, ``compute_loss`` = log-prob forward + objective,
+``torch.Tensor.backward``, the optimizer's step).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -92,7 +91,7 @@ def build_ours(model: str, out: Path, a) -> "object":
     from drpo.training.trainer import Trainer
 
     cfg = load_config(None, [
-        f"model={model}", f"out={out}", f"train.steps={a.steps + 1 + a.profile_steps}",
+        f"model={model}", f"out={out}", f"train.steps={a.steps + 1}",
         f"rollout.prompts_per_step={a.prompts}", f"rollout.group_size={a.group}",
         f"rollout.max_new_tokens={a.max_new_tokens}", "rollout.precision=fp32",
         "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=0",
@@ -103,33 +102,60 @@ def build_ours(model: str, out: Path, a) -> "object":
     return Trainer(cfg)
 
 
-def run_ours(model: str, workdir: Path, a) -> tuple[dict, object]:
+def run_ours(model: str, workdir: Path, a) -> dict:
     tr = build_ours(model, workdir / "ours", a)
     n_seq = a.prompts * a.group
     t0 = time.perf_counter()
     tr.step(0)  # warm-up
     warmup_s = time.perf_counter() - t0
     threads = torch.get_num_threads()
-    steps, toks, lens, parts = [], [], [], defaultdict(list)
+    steps, toks, lens, logged = [], [], [], defaultdict(list)
     for i in range(1, a.steps + 1):
         t0 = time.perf_counter()
         m = tr.step(i)
         steps.append(time.perf_counter() - t0)
         lens.append(m["response/length_mean"])
         toks.append(m["response/length_mean"] * n_seq)
-        for k in ("time/rollout", "time/reward", "time/update", "time/sync"):
-            parts[k].append(m[k])
-        parts["reward/mean"].append(m["reward/mean"])
+        for k, v in m.items():
+            if k.startswith("time/") or k == "reward/mean":
+                logged[k].append(v)
+    tr.rollout.close()
     res = summarize(steps, toks, lens)
     res.update(warmup_s=warmup_s, threads=threads, step_times_s=steps,
-               logged_split_s={k: statistics.fmean(v) for k, v in parts.items() if k.startswith("time/")},
-               reward_mean=statistics.fmean(parts["reward/mean"]),
-               optimizer=type(tr.optimizer).__name__)
-    return res, tr
+               reward_mean=statistics.fmean(logged.pop("reward/mean")),
+               optimizer=type(tr.optimizer).__name__, profile=profile(logged))
+    return res
 
 
+# the trainer's phase timings (metrics it logs every step) and how they nest in one step
+PHASES = {
+    "rollout (generate)": "time/rollout",
+    "reward (decode + verify)": "time/reward",
+    "log-probs forward (with grad)": "time/logprob",
+    "objective (policy_loss)": "time/loss",
+    "backward": "time/backward",
+    "grad clip + optimizer step": "time/optimizer",
+    "publish weights to the engine": "time/publish",
+}
+
+
+def profile(logged: dict[str, list[float]]) -> dict:
+    """Mean seconds per step of each phase, from the trainer's own ``time/*`` metrics."""
+    mean = {k: statistics.fmean(v) for k, v in logged.items()}
+    missing = [k for k in (*PHASES.values(), "time/update", "time/step") if k not in mean]
+    if missing:
+        raise RuntimeError(f"the trainer no longer logs {missing}: update PHASES")
+    rows = {name: mean[k] for name, k in PHASES.items()}
+    inner = sum(mean[k] for k in ("time/logprob", "time/loss", "time/backward", "time/optimizer"))
+    rows["update: other (metrics, batching)"] = mean["time/update"] - inner
+    step = mean["time/step"]
+    rows["outside the timed phases"] = step - sum(rows.values())
+    return {"step_s": step, "seconds": rows, "share": {k: v / step for k, v in rows.items()}}
+
+
+# ---------------------------------------------------------------------------------------- TRL
 class _Timers:
-    """Accumulating wall-clock timers, installed by wrapping callables (no trainer edits)."""
+    """Accumulating wall-clock timers for TRL's pieces, installed by wrapping its callables."""
 
     def __init__(self) -> None:
         self.total: dict[str, float] = defaultdict(float)
@@ -145,77 +171,10 @@ class _Timers:
             try:
                 return fn(*args, **kw)
             finally:
-                self.total[name] += time.perf_counter() - t0
-                self.calls[name] += 1
+                self.add(name, time.perf_counter() - t0)
         return timed
 
 
-@contextlib.contextmanager
-def instrument_ours(tr, timers: _Timers):
-    """Wrap the pieces of ``Trainer.step``'s update for the duration of the block, then restore.
-
-    Instance attribute for ``_logprobs`` (the log-prob forward with grad; anchor=rollout so it
-    is called only in the update), the trainer module's ``policy_loss`` global, the global
-    ``torch.Tensor.backward`` and ``clip_grad_norm_``, and an optimizer step pre/post hook pair.
-    """
-    import drpo.training.trainer as trainer_mod
-
-    saved = (trainer_mod.policy_loss, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_)
-    tr._logprobs = timers.wrap("logprobs_forward", tr._logprobs)
-    trainer_mod.policy_loss = timers.wrap("objective", trainer_mod.policy_loss)
-    torch.Tensor.backward = timers.wrap("backward", torch.Tensor.backward)
-    torch.nn.utils.clip_grad_norm_ = timers.wrap("grad_clip", torch.nn.utils.clip_grad_norm_)
-    start = {}
-
-    def pre(opt, args, kwargs):
-        start["t"] = time.perf_counter()
-
-    def post(opt, args, kwargs):
-        timers.total["optimizer_step"] += time.perf_counter() - start["t"]
-        timers.calls["optimizer_step"] += 1
-
-    h1, h2 = tr.optimizer.register_step_pre_hook(pre), tr.optimizer.register_step_post_hook(post)
-    try:
-        yield
-    finally:
-        h1.remove()
-        h2.remove()
-        del tr._logprobs
-        trainer_mod.policy_loss, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_ = saved
-
-
-def profile_ours(tr, a) -> dict:
-    """Mean seconds per step of each piece of our step, over ``a.profile_steps`` extra steps."""
-    timers = _Timers()
-    logged = defaultdict(float)
-    t_steps = 0.0
-    with instrument_ours(tr, timers):
-        for i in range(a.steps + 1, a.steps + 1 + a.profile_steps):
-            t0 = time.perf_counter()
-            m = tr.step(i)
-            t_steps += time.perf_counter() - t0
-            for k in ("time/rollout", "time/reward", "time/update", "time/sync"):
-                logged[k] += m[k]
-    n = a.profile_steps
-    rows = {
-        "rollout (generate)": logged["time/rollout"] / n,
-        "reward (decode + verify + advantages)": logged["time/reward"] / n,
-        "log-probs forward (with grad)": timers.total["logprobs_forward"] / n,
-        "objective (policy_loss)": timers.total["objective"] / n,
-        "backward": timers.total["backward"] / n,
-        "grad clip": timers.total["grad_clip"] / n,
-        "optimizer step": timers.total["optimizer_step"] / n,
-    }
-    inner = sum(timers.total[k] for k in ("logprobs_forward", "objective", "backward", "grad_clip", "optimizer_step"))
-    rows["update: other (metrics, zero_grad, batching)"] = logged["time/update"] / n - inner / n
-    rows["sync engine weights"] = logged["time/sync"] / n
-    step = t_steps / n
-    rows["outside the timed sections"] = step - sum(logged.values()) / n
-    return {"steps": n, "step_s": step, "seconds": rows,
-            "share": {k: v / step for k, v in rows.items()}, "calls": dict(timers.calls)}
-
-
-# ---------------------------------------------------------------------------------------- TRL
 def run_trl(model: str, workdir: Path, a) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -344,7 +303,6 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8, help="G: samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=16, help="L: max completion tokens")
     p.add_argument("--steps", type=int, default=10, help="N: timed steps per side (after 1 warm-up)")
-    p.add_argument("--profile-steps", type=int, default=3, help="extra instrumented steps of ours")
     p.add_argument("--threads", type=int, default=_THREADS, help="torch threads, both sides")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -354,7 +312,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     a = p.parse_args()
     if a.quick:
-        a.prompts, a.group, a.steps, a.profile_steps = 4, 4, 3, 2
+        a.prompts, a.group, a.steps = 4, 4, 3
     torch.set_num_threads(a.threads)
 
     from drpo.models.loading import resolve_model
@@ -373,9 +331,7 @@ def main() -> None:
             before = loadavg()
             t0 = time.perf_counter()
             if side == "ours":
-                res, tr = run_ours(model, work, a)
-                res["profile"] = profile_ours(tr, a)
-                del tr
+                res = run_ours(model, work, a)
             else:
                 res = run_trl(model, work, a)
             res["wall_s"] = time.perf_counter() - t0
@@ -391,7 +347,7 @@ def main() -> None:
     print_table(ours, trl_r, ratio, a.target)
     print(f"ours / TRL tokens/s: {tok_ratio:.2f}x")
     prof = ours["profile"]
-    print(f"\nwhere our step's time goes ({prof['steps']} instrumented steps, {prof['step_s']:.3f} s/step):")
+    print(f"\nwhere our step's time goes (the trainer's time/* metrics over {a.steps} steps, {prof['step_s']:.3f} s/step):")
     for k, v in prof["seconds"].items():
         print(f"  {k:<48s} {v * 1000:8.1f} ms  {100 * prof['share'][k]:5.1f} %")
     sp = trl_r["split_s_per_step"]
@@ -403,7 +359,7 @@ def main() -> None:
         out = {
             "benchmark": "e2e_vs_trl", "quick": a.quick,
             "settings": {"prompts": a.prompts, "group": a.group, "max_new_tokens": a.max_new_tokens,
-                         "steps": a.steps, "warmup_steps": 1, "profile_steps": a.profile_steps,
+                         "steps": a.steps, "warmup_steps": 1,
                          "threads": a.threads, "lr": a.lr, "seed": a.seed, "model": a.model,
                          "model_dir": model, "order": a.order, "trl_loss_type": "dapo",
                          "ours_objective": "grpo (agg_mode token-mean)"},

@@ -24,3 +24,19 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def sharp_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its (tied) embeddings scaled x20: its next-token distributions are peaked,
+    so sampled tokens fall in every mu bucket (measured: 15/4/13/64 of 96 tokens), as a trained
+    model's do; the random tiny model puts ~all of them below mu = 0.01."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("sharp_qwen3")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(20.0)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return str(path)

@@ -126,7 +126,8 @@ def test_tiny_warm_start_caches_and_loads(tmp_path, monkeypatch):
     path = warmstart.warm_start(**kwargs)
     record = json.loads((path / "warmstart.json").read_text())
     assert record["steps"] == 1 and record["in_band"]
-    assert 0.0 <= record["heldout_sampled_accuracy"] <= 1.0
+    assert record["n_heldout"] == 4 and record["hparams"]["max_steps"] == 3
+    assert record["heldout_sampled_accuracy"] * 4 == round(record["heldout_sampled_accuracy"] * 4)  # hits / 4
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp folder left behind
 
     def fail(*args, **kwargs):

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from drpo.objectives.metrics import BUCKET_NAMES, MISMATCH_KEYS
 from drpo.training import run_io
 
 COLLAPSE_REL = 0.5
@@ -32,8 +33,8 @@ GRAD_VAR_BAND = (0.20, 0.30)  # claim (c): the paper's 20-30% lower variance
 MAIN = "fp8"
 DRPO = "drpo"
 RATIO_BASED = ("dapo", "spo")
-BUCKETS = ("mu<0.01", "mu<0.1", "mu<0.5", "mu>=0.5")
-MISMATCH = ("abs_shift_mean", "abs_shift_max", "ratio_max", "kl_k3")
+BUCKETS = BUCKET_NAMES
+MISMATCH = MISMATCH_KEYS
 TRUST = ("beyond_pos_frac", "beyond_neg_frac", "neg_weight_frac", "inactive_frac")
 BUCKET_COLS = ("token_frac", "beyond_frac", "neg_weight_frac", "inactive_frac")
 

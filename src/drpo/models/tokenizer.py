@@ -1,6 +1,6 @@
 """The built-in word-level tokenizer for the arithmetic task.
 
-Vocabulary (about 2.8k entries):
+Vocabulary (2,555 entries; ``len(vocabulary())``):
 
 - special tokens ``<|pad|>``, ``<|endoftext|>`` (EOS) and ``<|unk|>``;
 - every word and punctuation mark the task produces (names, objects, templates, ``\\boxed{``, ``}``);

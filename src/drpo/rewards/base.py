@@ -1,8 +1,8 @@
 """Reward functions: the interface for users' own rewards, the built-in math reward, batch scoring.
 
 A reward function maps ``(example, response_text)`` to a float. Plug in your own by passing the
-function itself, or a spec string: a registered name (``"math"``) or an import path
-(``"package.module:function"``).
+function itself, or a spec string (the trainer's ``task.reward``): a registered name (``"math"``, or
+one added with :func:`register_reward`) or an import path (``"package.module:function"``).
 """
 from __future__ import annotations
 
@@ -27,6 +27,20 @@ def math_reward(example: Example, response: str) -> float:
 
 
 REWARDS: dict[str, RewardFn] = {"math": math_reward}
+
+
+def register_reward(name: str):
+    """Decorator registering a reward function under ``name`` (then ``task.reward=<name>``).
+    The rollout worker process of an asynchronous run imports rewards afresh: register yours in a
+    module it imports, or give the import path instead."""
+
+    def deco(fn: RewardFn) -> RewardFn:
+        if name in REWARDS and REWARDS[name] is not fn:
+            raise ValueError(f"reward {name!r} is already registered")
+        REWARDS[name] = fn
+        return fn
+
+    return deco
 
 
 @dataclass(frozen=True)

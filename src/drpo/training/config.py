@@ -94,6 +94,9 @@ class RunConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
+        from drpo.rewards.base import get_reward
+
+        get_reward(self.task.reward)  # a registered name or an importable 'module:function'
         seqs = self.rollout.prompts_per_step * self.rollout.group_size
         if seqs % self.train.minibatches:
             raise ValueError(
@@ -139,7 +142,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
     key, raw = item.split("=", 1)
     value = _yaml(raw, f"override {item!r}") if raw != "" else None
-    if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+    if isinstance(value, str) and raw.strip()[:1] not in ("'", '"'):  # PyYAML reads 1e-4 (no dot) as a string
         try:
             value = float(value)
         except ValueError:

@@ -1,0 +1,108 @@
+"""Common mistakes get one clear line and exit code 2, never a traceback; nonsense is refused, not run."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import drpo
+from drpo.cli import app
+
+
+def one_line_error(args: list[str], needle: str) -> str:
+    res = CliRunner().invoke(app, args)
+    out = res.output.strip()
+    assert res.exit_code == 2, (res.exit_code, out)
+    assert "Traceback" not in out and res.exception is None or isinstance(res.exception, SystemExit), out
+    assert len(out.splitlines()) == 1, out
+    assert needle in out, out
+    return out
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["device=foo"], "unknown device 'foo'"),
+    (["threads=-1"], "config error at 'threads'"),
+    (["objective.params.delta=abc"], "parameter 'delta' must be of type float"),
+    (["train.betas=[1"], "override 'train.betas=[1' is not valid YAML"),
+    (["train.lr=.inf"], "config error at 'train.lr'"),
+    (["rollout.staleness=-1"], "config error at 'rollout.staleness'"),
+])
+def test_bad_overrides(tmp_path, overrides, needle):
+    one_line_error(["train", "--out", str(tmp_path / "r"), *overrides], needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(tmp_path):
+    one_line_error(["train", "--out", str(tmp_path / "r"), "device=cuda"], "CUDA is not available")
+
+
+def test_bad_config_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1e-4\n")
+    one_line_error(["train", "--config", str(bad), "--out", str(tmp_path / "r")], "is not valid YAML (line")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("seed: 1  # caf\xe9\n".encode("latin-1"))
+    one_line_error(["train", "--config", str(latin), "--out", str(tmp_path / "r")], "is not UTF-8")
+
+
+def test_model_mistakes(tmp_path):
+    one_line_error(["train", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "r")],
+                   "model folder not found")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = one_line_error(["train", "--model", str(empty), "--out", str(tmp_path / "r")], "has no config.json")
+    assert "sentencepiece" not in out
+    t0 = time.perf_counter()
+    one_line_error(["train", "--model", "Qwen/Qwen3-0.6B", "--out", str(tmp_path / "r")], "cannot be reached")
+    assert time.perf_counter() - t0 < 30  # said at once, not after minutes of retries
+    one_line_error(["eval", "--model", str(tmp_path / "missing")], "model folder not found")
+
+
+def test_vllm_engine_without_vllm(tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here; tests/test_vllm_engine.py covers it")
+    except ImportError:
+        pass
+    one_line_error(["train", "--out", str(tmp_path / "r"), "rollout.engine=vllm"], "make setup-vllm")
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_output_path_mistakes_are_caught_before_any_work(tmp_path, monkeypatch):
+    import drpo.evaluation.run as run_mod
+
+    monkeypatch.setattr(run_mod, "run_eval", lambda **kw: pytest.fail("the evaluation ran"))
+    one_line_error(["eval", "--out", str(tmp_path / "nope" / "e.json")], "does not exist")
+    f = tmp_path / "file.png"
+    f.write_text("x")
+    one_line_error(["geometry", "--out", str(f)], "is a file")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "--limit", "0"], "--limit"),
+    (["eval", "--k", "0"], "--k"),
+    (["compare", "--workers", "0"], "--workers"),
+])
+def test_nonsense_numbers_are_refused(args, needle):
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output
+
+
+def test_policy_loss_refuses_nonsense_masks_and_string_parameters():
+    lp = torch.full((2, 3), -1.0, requires_grad=True)
+    blp = torch.full((2, 3), -1.1)
+    adv = torch.tensor([1.0, -1.0])
+    for bad in (-1, 2):
+        mask = torch.ones(2, 3)
+        mask[0, 1] = bad
+        with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+            drpo.policy_loss("drpo", lp, blp, adv, mask)
+    with pytest.raises(ValueError, match="parameter 'delta' must be of type float, got '12.5'"):
+        drpo.policy_loss("drpo", lp, blp, adv, torch.ones(2, 3), delta="12.5")
+    with pytest.raises(ValueError, match="'adv_weighting' must be of type bool"):
+        drpo.policy_loss("drpo", lp, blp, adv, torch.ones(2, 3), adv_weighting="no")
+    loss, _ = drpo.policy_loss("drpo", lp, blp, adv, torch.ones(2, 3), delta=12)  # an int is a float
+    assert torch.isfinite(loss)
