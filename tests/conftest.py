@@ -40,3 +40,19 @@ def sharp_model_dir(tiny_model_dir, tmp_path_factory):
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def moe_model_dir(tmp_path_factory):
+    """A tiny Qwen3-MoE (8 experts, top-2) built from a config and saved with save_pretrained."""
+    from drpo.models.tiny import build_tiny_model, tiny_qwen3_moe_config
+    from drpo.models.tokenizer import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_qwen3_moe")
+    tok = build_tokenizer()
+    cfg = tiny_qwen3_moe_config(len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=32, moe_intermediate_size=32,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    build_tiny_model(cfg, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

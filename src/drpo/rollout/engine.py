@@ -13,12 +13,13 @@ mu == pi at the first minibatch up to float error.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from drpo.models.moe import assemble, is_moe, record_routing
 from drpo.rollout.precision import PRECISIONS, quantize_weights_, use_bf16_compute_
 
 
@@ -53,6 +54,8 @@ class RolloutBatch:
     behavior_log_prob (N, R) log mu of each sampled token (0 where masked)
     topk_log_prob / topk_ids (N, R, K) the engine's top-K, when asked
     prompt_index    (N,)    which input prompt each row came from (rows of one prompt are adjacent)
+    routing         (N, P+R, L, k) an MoE engine's expert choices per position and layer (-1: none;
+                    see drpo.models.moe), or None
     """
 
     prompt_ids: torch.Tensor
@@ -63,15 +66,14 @@ class RolloutBatch:
     prompt_index: torch.Tensor
     topk_log_prob: Optional[torch.Tensor] = None
     topk_ids: Optional[torch.Tensor] = None
+    routing: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
     def select(self, idx: torch.Tensor) -> "RolloutBatch":
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return RolloutBatch(*(pick(getattr(self, f)) for f in (
-            "prompt_ids", "prompt_mask", "response_ids", "response_mask", "behavior_log_prob",
-            "prompt_index", "topk_log_prob", "topk_ids")))
+        return RolloutBatch(**{f.name: None if (t := getattr(self, f.name)) is None else t[idx]
+                               for f in fields(self)})
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +117,7 @@ class HFRolloutEngine:
             prm.requires_grad_(False)
         if precision != "fp32":
             use_bf16_compute_(self.model, round_weights=False)  # weights are rounded once, in sync()
+        self.moe = is_moe(self.model)  # record the experts each position was routed to
         self.sync(model)
 
     @torch.no_grad()
@@ -139,6 +142,18 @@ class HFRolloutEngine:
         return out
 
     def _generate_chunk(self, prompts, params: SamplingParams, generator) -> RolloutBatch:
+        if not self.moe:
+            return self._sample(prompts, params, generator)
+        with record_routing(self.model) as calls:
+            out = self._sample(prompts, params, generator)
+        routing = assemble(calls, len(out))  # (N, P + steps, L, k); the last sampled token is never fed
+        missing = out.prompt_ids.shape[1] + out.response_ids.shape[1] - routing.shape[1]
+        routing = torch.cat([routing, routing.new_full((len(out), missing, *routing.shape[2:]), -1)], dim=1)
+        real = torch.cat([out.prompt_mask, out.response_mask], dim=1).bool()  # not padding, not after EOS
+        out.routing = routing.cpu().masked_fill(~real[:, :, None, None], -1)
+        return out
+
+    def _sample(self, prompts, params: SamplingParams, generator) -> RolloutBatch:
         device = next(self.model.parameters()).device
         ids, mask = left_pad(prompts, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
@@ -193,6 +208,12 @@ def _concat(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
     R = max(p.response_ids.shape[1] for p in parts)
     cat = lambda f, L, v, left: torch.cat([_pad_to(getattr(p, f), L, v, left) for p in parts])  # noqa: E731
     has_topk = parts[0].topk_ids is not None
+    routing = None
+    if parts[0].routing is not None:  # [prompt | response] positions: pad each part like its ids
+        def split(p):
+            P_p = p.prompt_ids.shape[1]
+            return _pad_to(p.routing[:, :P_p], P, -1, True), _pad_to(p.routing[:, P_p:], R, -1, False)
+        routing = torch.cat([torch.cat(split(p), dim=1) for p in parts])
     return RolloutBatch(
         prompt_ids=cat("prompt_ids", P, pad_id, True), prompt_mask=cat("prompt_mask", P, 0, True),
         response_ids=cat("response_ids", R, pad_id, False), response_mask=cat("response_mask", R, 0, False),
@@ -200,4 +221,5 @@ def _concat(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         prompt_index=torch.cat([p.prompt_index for p in parts]),
         topk_log_prob=cat("topk_log_prob", R, 0.0, False) if has_topk else None,
         topk_ids=cat("topk_ids", R, 0, False) if has_topk else None,
+        routing=routing,
     )

@@ -12,6 +12,11 @@ the low-precision grid and the arithmetic runs in float32.
 
 The same rounding with a straight-through gradient (:class:`RoundSTE`) gives a "bf16 trainer"
 that keeps fp32 master weights.
+
+Mixture-of-Experts models (:mod:`drpo.models.moe`): the fused expert weights (E, out, in) are
+quantised like Linear weights (one scale per expert and output channel) and their matmuls rounded
+like a Linear's; the router stays in bf16 (weights, input and logits rounded), as FP8 engines keep
+their routers unquantised. Its top-k then flips for some tokens against an fp32 trainer.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
+
+from drpo.models.moe import experts_modules, install_routing_hooks, routers
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
@@ -71,6 +78,11 @@ def quantize_weights_(model: nn.Module, precision: str) -> None:
             w.copy_(quantize_fp8_per_channel(w))
         else:
             w.copy_(round_to(w, torch.bfloat16))
+    for m in experts_modules(model):
+        for w in (m.gate_up_proj, m.down_proj):  # (E, out, in): one scale per expert and output channel
+            w.copy_(quantize_fp8_per_channel(w) if precision == "fp8" else round_to(w, torch.bfloat16))
+    for r in routers(model):
+        r.weight.copy_(round_to(r.weight, torch.bfloat16))
 
 
 def _bf16_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -82,10 +94,29 @@ def _bf16_embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tens
     return RoundSTE.apply(nn.Embedding.forward(self, ids))
 
 
+def _bf16_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The fused experts' forward (transformers' eager loop) with every matmul's input and output
+    rounded to bf16: for each expert e and the tokens routed to it,
+    y = down_e(act(gate_e x) * up_e x), added with the token's gate weight."""
+    R = RoundSTE.apply
+    x = R(hidden_states)
+    w_gu = RoundSTE.apply(self.gate_up_proj) if self._drpo_round_weight else self.gate_up_proj
+    w_d = RoundSTE.apply(self.down_proj) if self._drpo_round_weight else self.down_proj
+    out = torch.zeros_like(x)
+    for e in top_k_index.unique().tolist():
+        pos, tok = torch.where(top_k_index.T == e)
+        gate, up = R(nn.functional.linear(x[tok], w_gu[e])).chunk(2, dim=-1)
+        y = R(nn.functional.linear(R(self.act_fn(gate) * up), w_d[e]))
+        out.index_add_(0, tok, y * top_k_weights[tok, pos, None])
+    return R(out)
+
+
 def use_bf16_compute_(model: nn.Module, *, round_weights: bool) -> None:
     """Make every Linear compute as bf16 hardware would: inputs and outputs rounded to bf16
     (fp32 accumulation), and with ``round_weights`` the weights too, on the fly (straight-through
-    gradient, so float32 master weights train). Embedding outputs are rounded likewise.
+    gradient, so float32 master weights train). Embedding outputs are rounded likewise; MoE experts
+    and routers too (see the module docstring).
     Only the instances' ``forward`` changes: parameters and state_dict keep their names."""
     import types
 
@@ -95,3 +126,7 @@ def use_bf16_compute_(model: nn.Module, *, round_weights: bool) -> None:
             m.forward = types.MethodType(_bf16_linear_forward, m)
         elif isinstance(m, nn.Embedding):
             m.forward = types.MethodType(_bf16_embedding_forward, m)
+    for m in experts_modules(model):
+        m._drpo_round_weight = round_weights
+        m.forward = types.MethodType(_bf16_experts_forward, m)
+    install_routing_hooks(model, round_fn=RoundSTE.apply)

@@ -46,6 +46,8 @@ class TrainConfig(StrictConfig):
     # None keeps the verifier's reward for it
     overlong_reward: Optional[float] = None
     chunk_size: int = Field(1024, ge=1)
+    # MoE models: the trainer's forward uses the experts the rollout engine chose (routing replay)
+    routing_replay: bool = False
 
     @field_validator("advantage")
     @classmethod
@@ -111,6 +113,9 @@ class RunConfig(StrictConfig):
         if self.train.anchor == "rollout" and self.train.rollout_correction:
             raise ValueError("train.rollout_correction: needs train.anchor='old_policy' "
                              "(anchored on the rollout mu there is nothing to correct)")
+        if self.train.routing_replay and self.rollout.engine != "hf":
+            raise ValueError("train.routing_replay: needs the engine's expert choices, which only "
+                             "rollout.engine=hf records")
         if "topk" in str(self.objective.params.get("divergence", "")) or "topk" in self.objective.name:
             if self.rollout.logprobs_topk < 1:
                 raise ValueError("rollout.logprobs_topk: DPPO Top-K needs the engine's top-K (set it >= 1)")

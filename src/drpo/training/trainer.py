@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from drpo.evaluation.metrics import evaluate
 from drpo.evaluation.run import make_generate_fn
 from drpo.models.loading import load_policy, max_positions
+from drpo.models.moe import RoutingStats, given_routing, is_moe
 from drpo.models.text import TextCodec
 from drpo.objectives import NonFiniteInput, RolloutCorrection, policy_loss
 from drpo.objectives.metrics import MISMATCH_KEYS, MU_TAIL
@@ -145,6 +146,9 @@ class Trainer:
             require_vllm()  # before the model loads: without vLLM this run cannot start
 
         self.tokenizer, self.model = load_policy(cfg.model, progress=cfg.progress)
+        if cfg.train.routing_replay and not is_moe(self.model):
+            raise ValueError(f"train.routing_replay=true needs a Mixture-of-Experts model; {cfg.model!r} is dense "
+                             "(try model=builtin-moe)")
         self.model.to(self.device)
         limit = self._prompt_limit()
         self.codec = TextCodec(self.tokenizer, chat_template=cfg.task.chat_template, max_prompt_tokens=limit,
@@ -283,23 +287,32 @@ class Trainer:
                 out.append(lp.float().cpu())
         return torch.cat(out)
 
-    def _logprobs(self, mb: RolloutBatch, with_entropy: bool):
+    def _logprobs(self, mb: RolloutBatch, with_entropy: bool, routing: Optional[RoutingStats] = None):
+        """log pi (and entropy, top-K log pi) of ``mb``'s responses. An MoE model's forward compares its
+        expert choices with the engine's (counted into ``routing``) and, with train.routing_replay,
+        uses the engine's."""
         ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                else contextlib.nullcontext())
         d = self.device
-        with ctx:
-            return response_logprobs(
+        given = mb.routing.to(d) if mb.routing is not None else None
+        with ctx, given_routing(self.model, given, replay=self.cfg.train.routing_replay) as stats:
+            out = response_logprobs(
                 self.model, mb.prompt_ids.to(d), mb.prompt_mask.to(d), mb.response_ids.to(d),
                 mb.response_mask.to(d), temperature=self.cfg.rollout.temperature,
                 chunk_size=self.cfg.train.chunk_size, with_entropy=with_entropy,
                 topk_ids=mb.topk_ids.to(d) if mb.topk_ids is not None else None,
             )
+        if routing is not None:
+            routing.decisions += stats.decisions
+            routing.flips += stats.flips
+        return out
 
     def micro_batch_loss(self, mb: RolloutBatch, inputs: dict[str, Any], counts: dict[str, float],
-                         clock: _Clock) -> tuple[torch.Tensor, dict[str, float]]:
+                         clock: _Clock, routing: Optional[RoutingStats] = None
+                         ) -> tuple[torch.Tensor, dict[str, float]]:
         """Forward pass and objective of one micro-batch: (loss share, metrics)."""
         with clock("time/logprob"):
-            logp, ent, topk_logp = self._logprobs(mb, with_entropy=True)
+            logp, ent, topk_logp = self._logprobs(mb, with_entropy=True, routing=routing)
         mask = mb.response_mask.to(logp.device)
         if topk_logp is not None:
             inputs["topk_log_prob"] = topk_logp
@@ -315,6 +328,7 @@ class Trainer:
         clock = clock or _Clock()
         inputs = self.loss_inputs(batch, advantages)
         acc, first = MetricAccumulator(), MetricAccumulator()
+        flips = RoutingStats()  # engine vs trainer expert choices, first minibatch (before any update)
         grad_norms: list[float] = []
         gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, SALT_MINIBATCH_ORDER))
         for _ in range(t.epochs):
@@ -327,7 +341,7 @@ class Trainer:
                 for micro in mb_rows.split(t.micro_batch_size):
                     try:
                         loss, lm = self.micro_batch_loss(batch.select(micro), inputs.rows(micro, self.device),
-                                                         counts, clock)
+                                                         counts, clock, flips if not grad_norms else None)
                     except NonFiniteInput as e:
                         raise TrainingDiverged(f"step {step}: {e}") from None
                     if not torch.isfinite(loss):
@@ -347,6 +361,8 @@ class Trainer:
                 acc.end_optimizer_step()
         out = acc.result(prefix="obj/")
         out.update({k: v for k, v in first.result(prefix="mismatch/").items() if k != "mismatch/tokens"})
+        if flips.decisions:
+            out["rollout/router_flip_frac"] = flips.flip_frac
         out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["train/grad_norm_max"] = max(grad_norms)
         out["train/optimizer_steps"] = len(grad_norms)
