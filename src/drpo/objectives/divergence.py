@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from drpo.objectives.adaptive import PER_TOKEN_RULES, token_delta
 from drpo.objectives.metrics import masked_mean
 from drpo.objectives.registry import ObjectiveOutput, TokenInputs, register_objective, register_preset, require
 
@@ -133,6 +134,7 @@ def drpo(
     ratio_penalty: bool = False,
     mask_only: bool = False,
     divergence: str = "tv",
+    delta_per_token: str = "none",
 ) -> ObjectiveOutput:
     """DRPO (Yao et al. 2026): the policy gradient with a smooth advantage-weighted penalty.
 
@@ -154,6 +156,10 @@ def drpo(
         mask_only=True        "mask-DRPO": the penalty acts only beyond the Binary-TV boundary on the
                               harmful side (plain r A inside), i.e. DPPO's mask replaced by DRPO's
                               corrective weight.
+
+    Beyond the paper: ``delta_per_token='bernoulli_std'`` uses delta_t = delta * 2 sqrt(mu (1 - mu)) per
+    token (:mod:`drpo.objectives.adaptive`); ``objective.params.delta=auto`` in the trainer adapts
+    delta every step.
     """
     require(delta > 0, f"drpo: delta must be > 0, got {delta}")
     require(penalty_coef >= 0, f"drpo: penalty_coef must be >= 0, got {penalty_coef}")
@@ -161,7 +167,10 @@ def drpo(
            f"drpo: unknown divergence {divergence!r}; known: {list(DRPO_DIVERGENCES)}")
     require(not (ratio_penalty and divergence == "binary_kl"),
            "drpo: ratio_penalty applies to the 'tv' and 'k3' divergences, not 'binary_kl'")
+    require(delta_per_token in PER_TOKEN_RULES,
+            f"drpo: unknown delta_per_token {delta_per_token!r}; known: {list(PER_TOKEN_RULES)}")
     A, r, mu = x.advantages, x.ratio, x.behavior_prob
+    delta = token_delta(delta, mu, delta_per_token)
     weight = torch.ones_like(mu) if ratio_penalty else mu
     if divergence == "tv":
         d = weight * (r - 1.0) ** 2 / 2.0

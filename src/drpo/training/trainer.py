@@ -34,7 +34,8 @@ from drpo.evaluation.run import make_generate_fn
 from drpo.models.loading import load_policy, max_positions
 from drpo.models.moe import RoutingStats, given_routing, is_moe
 from drpo.models.text import TextCodec
-from drpo.objectives import NonFiniteInput, RolloutCorrection, policy_loss
+from drpo.objectives import NonFiniteInput, RolloutCorrection, get_objective, policy_loss
+from drpo.objectives.adaptive import adapt_delta
 from drpo.objectives.metrics import MISMATCH_KEYS, MU_TAIL
 from drpo.rewards.base import get_reward
 from drpo.rollout.collect import Collected, Collector
@@ -171,6 +172,8 @@ class Trainer:
         total = max(cfg.train.steps * t.minibatches * t.epochs, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(t.schedule, t.warmup_steps, total))
         self.rc = RolloutCorrection(**t.rollout_correction) if t.rollout_correction else None
+        # objective.params.delta=auto: the controller's state, one delta per step (drpo.objectives.adaptive)
+        self.delta: Optional[float] = cfg.objective.adaptive.init if cfg.objective.adaptive_delta else None
         self._heldout_cache: Optional[list[Example]] = None
 
         self.start_step, versions = 0, {}
@@ -265,9 +268,10 @@ class Trainer:
     def loss_inputs(self, batch: RolloutBatch, advantages: torch.Tensor) -> LossInputs:
         """The objective's inputs for the whole batch, built once (see :class:`LossInputs`)."""
         cfg = self.cfg
+        params = {**cfg.objective.params, **({"delta": self.delta} if self.delta is not None else {})}
         inputs = LossInputs(anchor=self._anchor(batch), advantages=advantages,
                             fixed=dict(agg_mode=cfg.objective.agg_mode, horizon=cfg.rollout.max_new_tokens,
-                                       **cfg.objective.params))
+                                       **params))
         if self.rc is not None:
             inputs.extra["rollout_log_prob"] = batch.behavior_log_prob
             inputs.fixed["rollout_correction"] = self.rc
@@ -363,6 +367,12 @@ class Trainer:
         out.update({k: v for k, v in first.result(prefix="mismatch/").items() if k != "mismatch/tokens"})
         if flips.decisions:
             out["rollout/router_flip_frac"] = flips.flip_frac
+        delta = {**get_objective(self.cfg.objective.name).param_defaults, **inputs.fixed}.get("delta")
+        if delta is not None:
+            out["obj/delta"] = float(delta)  # the delta this step trained with
+        if self.delta is not None:
+            a = self.cfg.objective.adaptive
+            self.delta = adapt_delta(self.delta, out[f"obj/{a.measure}"], a)
         out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["train/grad_norm_max"] = max(grad_norms)
         out["train/optimizer_steps"] = len(grad_norms)
@@ -391,7 +401,7 @@ class Trainer:
     def save(self, step: int) -> Path:
         """Checkpoint after ``step`` steps (the config saved in it is what --resume compares against)."""
         return run_io.save_checkpoint(self.out, step, self.model, self.tokenizer, self.optimizer,
-                                      self.scheduler, {"config": self.cfg.model_dump(mode="json")},
+                                      self.scheduler, {"config": self.cfg.model_dump(mode="json"), "delta": self.delta},
                                       rollout_versions=self.rollout.pending_versions())
 
     def _restore(self, ckpt: Path, data: dict[str, Any]) -> dict[int, dict[str, torch.Tensor]]:
@@ -406,6 +416,7 @@ class Trainer:
         self.optimizer.load_state_dict(data["optimizer"]["optimizer"])
         self.scheduler.load_state_dict(data["optimizer"]["scheduler"])
         run_io.set_rng_state(data["state"]["rng"])
+        self.delta = data["state"].get("delta", self.delta)
         self.start_step = self.last_checkpoint = int(data["state"]["step"])
         run_io.set_aside_metrics_after(self.out, self.start_step)
         return data["rollout_versions"]
