@@ -7,7 +7,8 @@ vllm is a failure, not a skip. One bf16 and one fp8 engine are shared by the mod
 first-generate warm-up are paid once; the second engine in a process starts in about a second).
 
 Thresholds are derived from measurements on the `vllm_model_dir` model (tests/conftest.py), quoted
-next to each; pi is always the float32 Hugging Face model, as the trainer computes it.
+next to each; pi is always the float32 Hugging Face model, as the trainer computes it, and the
+figures are means of |log pi - log mu| (or of two engines' log-probs) over response tokens.
 """
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ def test_mu_is_the_sampling_distribution_of_the_trainer_model(engine, hf_model, 
     pi = _pi(hf_model, b, temperature)
     err = _mean_abs(pi, b.behavior_log_prob, b.response_mask)
     err_if_T_ignored = _mean_abs(_pi(hf_model, b, 1.0), b.behavior_log_prob, b.response_mask)
-    print(f"T={temperature}: mean |pi - mu| {err:.4f}; against pi at T=1: {err_if_T_ignored:.4f}")
+    print(f"T={temperature}: mean |log pi - log mu| {err:.4f}; against pi at T=1: {err_if_T_ignored:.4f}")
     # measured (bf16 vLLM vs fp32 HF): 0.0265 at T=1, 0.0347 at T=0.7; at T=0.7 against the T=1
     # log-probs (a temperature ignored on either side): 0.606
     assert err < 0.06
@@ -170,9 +171,9 @@ def test_mu_follows_top_k_and_top_p(engine, hf_model):
     frac_inside = (inside.sum() / mask.sum()).item()
     err = _mean_abs(pi, b.behavior_log_prob, inside)
     err_untruncated = _mean_abs(pi_untruncated, b.behavior_log_prob, mask)
-    print(f"top-k/top-p: inside fp32 support {frac_inside:.4f}; mean |pi - mu| {err:.4f}; "
+    print(f"top-k/top-p: inside fp32 support {frac_inside:.4f}; mean |log pi - log mu| {err:.4f}; "
           f"against the untruncated softmax: {err_untruncated:.4f}")
-    # measured: 0.988 of the sampled tokens inside the fp32 support; mean |pi - mu| 0.031 there;
+    # measured: 0.988 of the sampled tokens inside the fp32 support; mean |log pi - log mu| 0.031 there;
     # 0.509 against the untruncated distribution (what vLLM's raw log-probs would give)
     assert frac_inside > 0.97
     assert err < 0.06
