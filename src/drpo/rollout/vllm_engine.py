@@ -102,11 +102,18 @@ class VLLMEngine:
 
     def __init__(self, model: nn.Module, *, precision: str = "bf16", eos_id: int, pad_id: int,
                  max_batch: int = 256, seed: int = 0, max_model_len: Optional[int] = None,
-                 gpu_memory_utilization: float = 0.2, threads: Optional[int] = None) -> None:
+                 gpu_memory_utilization: float = 0.2, kv_cache_memory_bytes: Optional[int] = None,
+                 threads: Optional[int] = None) -> None:
         """``max_batch``: vLLM's max_num_seqs; ``max_model_len``: prompt + response tokens (default:
-        the model config's); ``gpu_memory_utilization``: on the CPU, the fraction of RAM reserved
-        for the weights and KV cache (0.2 fits a shared 24 GiB machine); ``threads``: torch threads
-        vLLM computes with (default: torch.get_num_threads() now)."""
+        the model config's); ``threads``: torch threads vLLM computes with (default:
+        torch.get_num_threads() now).
+
+        KV cache: on a GPU, vLLM sizes it from ``gpu_memory_utilization`` (the fraction of GPU
+        memory it may use). On the CPU, vLLM would take gpu_memory_utilization x RAM minus the
+        RSS of the whole process, which in-process includes the trainer (and fails once that RSS
+        is larger); so the engine passes an explicit size instead: ``kv_cache_memory_bytes``, by
+        default :func:`kv_cache_bytes` (every sequence at full length), at most
+        gpu_memory_utilization x RAM."""
         if precision not in PRECISIONS:
             raise ValueError(f"unknown rollout precision {precision!r}; known: {list(PRECISIONS)}")
         vllm = import_vllm()
@@ -114,6 +121,12 @@ class VLLMEngine:
         self.threads = threads or torch.get_num_threads()
         # A kernel for FP8 weights exists on CUDA only; elsewhere fp8 is simulated (module docstring).
         self.fake_fp8 = not torch.cuda.is_available()
+        if kv_cache_memory_bytes is None and not torch.cuda.is_available():
+            import psutil  # a vLLM dependency
+
+            kv_cache_memory_bytes = min(
+                kv_cache_bytes(model.config, max_batch, max_model_len, 4 if precision == "fp32" else 2),
+                int(gpu_memory_utilization * psutil.virtual_memory().total))
         self._dir = tempfile.mkdtemp(prefix="drpo-vllm-")
         model.config.save_pretrained(self._dir)  # the architecture; weights come through sync()
         with _host_process_kept(self.threads):
@@ -121,7 +134,8 @@ class VLLMEngine:
                 model=self._dir, skip_tokenizer_init=True, load_format="dummy", dtype=_DTYPES[precision],
                 quantization="fp8" if precision == "fp8" and not self.fake_fp8 else None,
                 seed=seed, max_model_len=max_model_len, max_num_seqs=max_batch,
-                gpu_memory_utilization=gpu_memory_utilization, enforce_eager=True,
+                gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                enforce_eager=True,
                 logprobs_mode="processed_logprobs", generation_config="vllm")
         self.sync(model)
 
@@ -180,6 +194,19 @@ class VLLMEngine:
             llm.llm_engine.engine_core.shutdown()
             del llm
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def kv_cache_bytes(config, max_seqs: int, max_len: Optional[int], dtype_bytes: int) -> int:
+    """KV cache for ``max_seqs`` sequences of ``max_len`` tokens (default: the config's
+    max_position_embeddings) of a standard decoder:
+
+        bytes = max_seqs * max_len * 2 (K and V) * layers * kv_heads * head_dim * dtype_bytes
+    """
+    c = config.get_text_config()
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    max_len = max_len or c.max_position_embeddings
+    return max_seqs * max_len * 2 * c.num_hidden_layers * kv_heads * head_dim * dtype_bytes
 
 
 def _right_pad(rows: list[list], value, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
