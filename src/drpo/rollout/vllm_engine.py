@@ -119,9 +119,9 @@ class VLLMEngine:
         vllm = import_vllm()
         self.precision, self.eos_id, self.pad_id = precision, eos_id, pad_id
         self.threads = threads or torch.get_num_threads()
-        # A kernel for FP8 weights exists on CUDA only; elsewhere fp8 is simulated (module docstring).
-        self.fake_fp8 = not torch.cuda.is_available()
-        if kv_cache_memory_bytes is None and not torch.cuda.is_available():
+        on_gpu = torch.cuda.is_available()
+        self.fake_fp8 = not on_gpu  # vLLM has FP8 kernels on CUDA only; elsewhere fp8 is simulated
+        if kv_cache_memory_bytes is None and not on_gpu:
             import psutil  # a vLLM dependency
 
             kv_cache_memory_bytes = min(
@@ -135,8 +135,7 @@ class VLLMEngine:
                 quantization="fp8" if precision == "fp8" and not self.fake_fp8 else None,
                 seed=seed, max_model_len=max_model_len, max_num_seqs=max_batch,
                 gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                enforce_eager=True,
-                logprobs_mode="processed_logprobs", generation_config="vllm")
+                enforce_eager=True, logprobs_mode="processed_logprobs", generation_config="vllm")
         self.sync(model)
 
     @torch.no_grad()
@@ -165,22 +164,23 @@ class VLLMEngine:
         with _host_process_kept(self.threads):
             outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sps,
                                      use_tqdm=False)
-        rows, toks, lps, top = [], [], [], []
+        rows, toks, lps, top_ids, top_lps = [], [], [], [], []
         for i, out in enumerate(outs):
             for c in sorted(out.outputs, key=lambda c: c.index):
                 rows.append(i)
                 toks.append(list(c.token_ids))
                 lps.append([pos[t].logprob for pos, t in zip(c.logprobs, c.token_ids)])
                 if params.logprobs_topk:  # each position: the sampled token (its rank) + ranks 1..K
-                    top.append([sorted(pos.items(), key=lambda kv: kv[1].rank)[:params.logprobs_topk]
-                                for pos in c.logprobs])
+                    best = [sorted(pos.items(), key=lambda kv: kv[1].rank)[:params.logprobs_topk]
+                            for pos in c.logprobs]
+                    top_ids.append([[t for t, _ in b] for b in best])
+                    top_lps.append([[lp.logprob for _, lp in b] for b in best])
         prompt_ids, prompt_mask = left_pad([prompts[i] for i in rows], self.pad_id)
         response_ids, response_mask = _right_pad(toks, self.pad_id, torch.long)
         topk_log_prob = topk_ids = None
         if params.logprobs_topk:
-            topk_ids, _ = _right_pad([[[t for t, _ in p] for p in r] for r in top], 0, torch.long)
-            topk_log_prob, _ = _right_pad([[[lp.logprob for _, lp in p] for p in r] for r in top], 0.0,
-                                          torch.float32)
+            topk_ids = _right_pad(top_ids, 0, torch.long)[0]
+            topk_log_prob = _right_pad(top_lps, 0.0, torch.float32)[0]
         return RolloutBatch(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
             response_mask=response_mask, behavior_log_prob=_right_pad(lps, 0.0, torch.float32)[0],
@@ -192,7 +192,6 @@ class VLLMEngine:
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
-            del llm
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
@@ -213,7 +212,7 @@ def _right_pad(rows: list[list], value, dtype: torch.dtype) -> tuple[torch.Tenso
     """(N, R, ...) tensor of variable-length ``rows`` padded on the right with ``value``, and the
     (N, R) mask of real positions."""
     R = max(len(r) for r in rows)
-    ref = torch.tensor(next(r for r in rows if r), dtype=dtype)  # shape of one position
+    ref = torch.tensor(next(r for r in rows if r), dtype=dtype)  # a row: (length, ...)
     out = torch.full((len(rows), R, *ref.shape[1:]), value, dtype=dtype)
     mask = torch.zeros((len(rows), R), dtype=torch.long)
     for i, r in enumerate(rows):
