@@ -25,7 +25,8 @@ pushes the trainer's current weights into the running engine (no restart), ``clo
 * weight sync: vLLM's in-place reload (``reload_weights`` on the worker, through
   ``LLM.collective_rpc``) with the trainer's state at the engine's precision, then the prefix cache
   (KV computed with the old weights) is dropped. The engine starts from dummy weights and is synced
-  once at start, so start and sync share one path and no checkpoint is written (only config.json).
+  once at start, so start and sync share one path and no checkpoint is written (only config.json,
+  in a temporary folder removed once the engine has started).
 * reproducibility: each ``generate`` draws one vLLM seed per prompt from ``generator`` (vLLM gives
   sample j of a prompt seed + j), so the same generator state gives the same samples.
 * host process: vLLM's in-process CPU worker reseeds the global RNGs, replaces
@@ -40,7 +41,6 @@ import contextlib
 import copy
 import os
 import random
-import shutil
 import tempfile
 from typing import Iterator, Optional, Sequence
 
@@ -127,11 +127,10 @@ class VLLMEngine:
             kv_cache_memory_bytes = min(
                 kv_cache_bytes(model.config, max_batch, max_model_len, 4 if precision == "fp32" else 2),
                 int(gpu_memory_utilization * psutil.virtual_memory().total))
-        self._dir = tempfile.mkdtemp(prefix="drpo-vllm-")
-        model.config.save_pretrained(self._dir)  # the architecture; weights come through sync()
-        with _host_process_kept(self.threads):
+        with tempfile.TemporaryDirectory(prefix="drpo-vllm-") as folder, _host_process_kept(self.threads):
+            model.config.save_pretrained(folder)  # the architecture only; weights come through sync()
             self.llm = vllm.LLM(
-                model=self._dir, skip_tokenizer_init=True, load_format="dummy", dtype=_DTYPES[precision],
+                model=folder, skip_tokenizer_init=True, load_format="dummy", dtype=_DTYPES[precision],
                 quantization="fp8" if precision == "fp8" and not self.fake_fp8 else None,
                 seed=seed, max_model_len=max_model_len, max_num_seqs=max_batch,
                 gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
@@ -188,11 +187,10 @@ class VLLMEngine:
             topk_log_prob=topk_log_prob, topk_ids=topk_ids)
 
     def close(self) -> None:
-        """Free the engine (its weights and KV cache) and its config folder."""
+        """Free the engine: its weights and KV cache."""
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def kv_cache_bytes(config, max_seqs: int, max_len: Optional[int], dtype_bytes: int) -> int:
