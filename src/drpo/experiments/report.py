@@ -2,15 +2,17 @@
 
 Everything here is fixed before looking at data and applied by code:
 
-* final accuracy   ``eval/accuracy`` at the run's last step. A run that diverged (NaN, status
-                   ``failed``) delivers no model at its step budget: its final accuracy counts as 0.
+* final accuracy   the mean of ``eval/accuracy`` over the run's last 3 evaluations (less sampling
+                   noise than one). A run that diverged (NaN, status ``failed``) delivers no model
+                   at its step budget: its final accuracy counts as 0.
 * best accuracy    the highest ``eval/accuracy`` the run logged (diverged runs: before diverging).
-* collapse         the run diverged, OR its final accuracy is below ``COLLAPSE_REL`` x its starting
+* collapse         the run diverged, OR its last accuracy is below ``COLLAPSE_REL`` x its starting
                    (step 0) accuracy, OR it ends more than ``COLLAPSE_DROP`` below its own best.
 * gradient-norm variance   the variance over steps of ``train/grad_norm`` (pre-clipping), per run.
+* time to accuracy steps to the setting's target (see :mod:`drpo.experiments.claims`).
 * intervals        95% Student-t intervals over seeds; comparisons are paired by seed (runs with
                    the same seed see the same prompts) and use the seeds both sides have.
-* verdicts         see :data:`RULES`, written into the report.
+* verdicts         the claims and rules of :mod:`drpo.experiments.claims`, written into the report.
 """
 from __future__ import annotations
 
@@ -23,55 +25,22 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from drpo.experiments import claims as C
 from drpo.objectives.metrics import BUCKET_NAMES, MISMATCH_KEYS
 from drpo.training import run_io
 
 COLLAPSE_REL = 0.5
 COLLAPSE_DROP = 0.15
-EQUIV_MARGIN = 0.05  # claim (f): |accuracy difference| that still counts as "alike"
-GRAD_VAR_BAND = (0.20, 0.30)  # claim (c): the paper's 20-30% lower variance
-MAIN = "fp8"
-DRPO = "drpo"
-RATIO_BASED = ("dapo", "spo")
 BUCKETS = BUCKET_NAMES
-MISMATCH = MISMATCH_KEYS
+MISMATCH = MISMATCH_KEYS + ("router_flip_frac",)
 TRUST = ("beyond_pos_frac", "beyond_neg_frac", "neg_weight_frac", "inactive_frac")
 BUCKET_COLS = ("token_frac", "beyond_frac", "neg_weight_frac", "inactive_frac")
 
-RULES = f"""\
-* **Directional claims** (a, b, d, e): the effect is a paired difference (DRPO minus the other side)
-  with a 95% t-interval over seeds. *reproduced*: the interval lies above 0; *not reproduced*: it lies
-  below 0; *inconclusive*: it contains 0 (or fewer than 2 paired seeds).
-  (a) compares DRPO (delta 12.5) with every non-DRPO method of the main setting ({MAIN}): *reproduced* if
-  every interval lies above 0, *not reproduced* if any lies below 0. The headline row is the strongest
-  competitor (highest mean final accuracy).
-  (b) effect = difference-in-differences of final accuracy, [FP8 - BF16 rollout] of DRPO minus the same
-  for the ratio-based methods ({', '.join(RATIO_BASED)}, averaged per seed). *reproduced* needs its interval
-  above 0 **and** the ratio-based methods' own FP8 - BF16 interval below 0 (they do degrade);
-  *not reproduced* if the difference-in-differences interval lies below 0, or the ratio-based methods'
-  FP8 - BF16 interval lies above 0 (no degradation to be stable against).
-* **(c) gradient-norm variance**: per seed, log(var DRPO) - log(mean var of {', '.join(RATIO_BASED)}) in the
-  main setting; its t-interval is mapped to a reduction 1 - exp(.). *reproduced*: the reduction interval
-  lies above 0 and overlaps {GRAD_VAR_BAND[0]:.0%}-{GRAD_VAR_BAND[1]:.0%}; *not reproduced*: it lies below 0, or
-  above 0 but outside {GRAD_VAR_BAND[0]:.0%}-{GRAD_VAR_BAND[1]:.0%} (the magnitude differs); else *inconclusive*.
-* **(f) equivalence**: the paired final-accuracy difference of delta 12.5 and 2.5. *reproduced*: its
-  interval lies inside +-{EQUIV_MARGIN:.2f}; *not reproduced*: outside that and excluding 0; else *inconclusive*.
-* *not tested*: the grid holds no runs for one side of the comparison.
-"""
-
 
 # ---------------------------------------------------------------------------- statistics
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-
-
 def t975(df: int) -> float:
-    """The 97.5% quantile of Student's t (table to df=30, then the Cornish-Fisher expansion)."""
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom."""
+    return C.t_quantile(0.975, df)
 
 
 @dataclass
@@ -141,10 +110,32 @@ class RunResult:
 
     @property
     def final_acc(self) -> Optional[float]:
+        """Mean of the last :data:`claims.FINAL_EVALS` evaluations (0 for a diverged run)."""
         if self.diverged:
             return 0.0
+        acc = [v for step, v in self.series("eval/accuracy") if step > 0]
+        return float(np.mean(acc[-C.FINAL_EVALS:])) if acc else None
+
+    @property
+    def last_acc(self) -> Optional[float]:
         acc = self.series("eval/accuracy")
-        return acc[-1][1] if acc else None
+        return 0.0 if self.diverged else (acc[-1][1] if acc else None)
+
+    def steps_to(self, target: float, censored_at: int) -> int:
+        """The first evaluation step whose accuracy reaches ``target``; ``censored_at`` if none does."""
+        for step, v in self.series("eval/accuracy"):
+            if step > 0 and v >= target:
+                return step
+        return censored_at
+
+    @property
+    def last_step(self) -> int:
+        return max((r["step"] for r in self.rows), default=0)
+
+    @property
+    def eval_every(self) -> int:
+        steps = [s for s, _ in self.series("eval/accuracy") if s > 0]
+        return steps[1] - steps[0] if len(steps) >= 2 else (steps[0] if steps else 1)
 
     @property
     def best_acc(self) -> Optional[float]:
@@ -155,7 +146,7 @@ class RunResult:
     def collapsed(self) -> bool:
         if self.diverged:
             return True
-        final, init, best = self.final_acc, self.initial_acc, self.best_acc
+        final, init, best = self.last_acc, self.initial_acc, self.best_acc
         if final is None:
             return False
         return (init is not None and final < COLLAPSE_REL * init) or (best is not None and final < best - COLLAPSE_DROP)
@@ -213,99 +204,79 @@ class Runs:
 # ---------------------------------------------------------------------------- verdicts
 @dataclass
 class Verdict:
-    claim: str
-    comparison: str
-    effect: str
+    claim: C.Claim
+    scope: str        # the settings the effect pools
+    effect: C.Effect
     verdict: str
+    detail: str = ""  # e.g. the control chosen as "best", censored runs
 
 
-def _final(r: RunResult) -> Optional[float]:
+def _side(runs: "Runs", setting: str, names: tuple[str, ...], f: Callable[["RunResult"], Optional[float]]
+          ) -> tuple[dict[int, float], str]:
+    """Per seed, the mean of ``f`` over the methods ``names`` (all must have the seed); a name
+    'best:m1,m2' picks, in this setting, the method with the highest mean final accuracy."""
+    label = "+".join(names)
+    if len(names) == 1 and names[0].startswith("best:"):
+        cands = [m for m in names[0][5:].split(",") if runs.by.get((setting, m))]
+        if not cands:
+            return {}, label
+        best = max(cands, key=lambda m: np.mean([v for v in runs.per_seed(setting, m, _final).values()]))
+        names, label = (best,), best
+    per = [runs.per_seed(setting, m, f) for m in names]
+    if not per or not all(per):
+        return {}, label
+    seeds = set.intersection(*(set(d) for d in per))
+    return {s: float(np.mean([d[s] for d in per])) for s in seeds}, label
+
+
+def _final(r: "RunResult") -> Optional[float]:
     return r.final_acc
 
 
-def verdicts(runs: Runs, methods: dict) -> list[Verdict]:
-    out = [_claim_a(runs, methods), _claim_b(runs), _claim_c(runs)]
-    for claim, text, other in (("(d) removing advantage weighting hurts", "DRPO - DRPO w/o adv. weighting", "drpo_no_adv"),
-                               ("(e) the ratio-based penalty (SPO) is worse", "DRPO - SPO", "spo")):
-        e = paired(runs.per_seed(MAIN, DRPO, _final), runs.per_seed(MAIN, other, _final))
-        out.append(Verdict(claim, f"{text}, final accuracy, {MAIN}", e.fmt(), directional(e)))
-    e = paired(runs.per_seed(MAIN, DRPO, _final), runs.per_seed(MAIN, "drpo_d2.5", _final))
-    if e.n < 2 or not math.isfinite(e.lo):
-        v = "not tested" if e.n == 0 else "inconclusive"
-    elif -EQUIV_MARGIN < e.lo and e.hi < EQUIV_MARGIN:
-        v = "reproduced"
-    else:
-        v = "not reproduced" if (e.lo > 0 or e.hi < 0) else "inconclusive"
-    out.append(Verdict("(f) delta 12.5 and 2.5 behave alike", f"delta 12.5 - delta 2.5, final accuracy, {MAIN} "
-                       f"(margin +-{EQUIV_MARGIN})", e.fmt(), v))
+def time_target(runs: "Runs", setting: str) -> Optional[float]:
+    """The setting's target accuracy: step-0 accuracy + TIME_FRACTION x (best mean final - step-0)."""
+    finals = [np.mean(list(d.values())) for m in runs.methods(setting) if (d := runs.per_seed(setting, m, _final))]
+    starts = [r.initial_acc for m in runs.methods(setting) for r in runs.by[(setting, m)].values()
+              if r.initial_acc is not None]
+    if not finals or not starts:
+        return None
+    start = float(np.mean(starts))
+    return start + C.TIME_FRACTION * (max(finals) - start)
+
+
+def _metric(runs: "Runs", claim: C.Claim, setting: str) -> Callable[["RunResult"], Optional[float]]:
+    if claim.metric == "final_acc":
+        return _final
+    if claim.metric == "grad_var":
+        return lambda r: math.log(r.grad_var) if r.grad_var and r.grad_var > 0 else None
+    target = time_target(runs, setting)
+    if target is None:
+        return lambda r: None
+    return lambda r: math.log(r.steps_to(target, r.last_step + r.eval_every))
+
+
+def claim_effect(runs: "Runs", claim: C.Claim, settings: tuple[str, ...]) -> tuple[C.Effect, str]:
+    """The paired values of ``claim`` over ``settings`` x seeds, and its effect."""
+    values, notes = [], []
+    for s in settings:
+        f = _metric(runs, claim, s)
+        t, _ = _side(runs, s, claim.treatment, f)
+        c, label = _side(runs, s, claim.control, f)
+        values += [t[k] - c[k] for k in sorted(set(t) & set(c))]
+        if claim.control[0].startswith("best:") and c:
+            notes.append(f"{s}: best fixed = {label}")
+    return C.paired_effect(values, log_scale=claim.metric in C.LOG_METRICS), "; ".join(notes)
+
+
+def verdicts(runs: "Runs", claims: tuple[C.Claim, ...]) -> list[Verdict]:
+    out = []
+    for claim in claims:
+        present = tuple(s for s in claim.settings if s in runs.settings())
+        scopes = [(s,) for s in present] if claim.per_setting else [present]
+        for scope in scopes or [claim.settings]:
+            e, detail = claim_effect(runs, claim, scope)
+            out.append(Verdict(claim, ", ".join(scope), e, C.verdict(claim, e), detail))
     return out
-
-
-def _claim_a(runs: Runs, methods: dict) -> Verdict:
-    drpo = runs.per_seed(MAIN, DRPO, _final)
-    rivals = [m for m in runs.methods(MAIN) if methods.get(m, {}).get("family") != "drpo"]
-    diffs = {m: paired(drpo, runs.per_seed(MAIN, m, _final)) for m in rivals}
-    diffs = {m: e for m, e in diffs.items() if e.n > 0}
-    claim = "(a) DRPO reaches the highest accuracy"
-    if not drpo or not diffs:
-        return Verdict(claim, f"DRPO - each other method, {MAIN}", "-", "not tested")
-    words = [directional(e) for e in diffs.values()]
-    v = ("not reproduced" if "not reproduced" in words else
-         "reproduced" if all(w == "reproduced" for w in words) else "inconclusive")
-    best = max(diffs, key=lambda m: mean_ci(runs.per_seed(MAIN, m, _final).values()).mean)
-    detail = "; ".join(f"vs {m}: {e.fmt()}" for m, e in diffs.items())
-    return Verdict(claim, f"DRPO - strongest rival ({best}), final accuracy, {MAIN}",
-                   f"{diffs[best].fmt()} (all: {detail})", v)
-
-
-def _fp8_minus_bf16(runs: Runs, method: str) -> dict[int, float]:
-    a, b = runs.per_seed(MAIN, method, _final), runs.per_seed("bf16", method, _final)
-    return {s: a[s] - b[s] for s in set(a) & set(b)}
-
-
-def _seed_mean(dicts: list[dict[int, float]]) -> dict[int, float]:
-    """Per seed, the mean over the dicts that all have that seed."""
-    seeds = set.intersection(*(set(d) for d in dicts)) if dicts else set()
-    return {s: float(np.mean([d[s] for d in dicts])) for s in seeds}
-
-
-def _claim_b(runs: Runs) -> Verdict:
-    claim = "(b) under FP8 rollout DRPO stays stable where ratio-based methods degrade"
-    ratio = _seed_mean([d for m in RATIO_BASED if (d := _fp8_minus_bf16(runs, m))])
-    did = paired(_fp8_minus_bf16(runs, DRPO), ratio)
-    ratio_drop = mean_ci(ratio.values())
-    if did.n == 0:
-        v = "not tested"
-    elif did.n >= 2 and math.isfinite(did.lo) and (did.hi < 0 or ratio_drop.lo > 0):
-        v = "not reproduced"
-    elif directional(did) == "reproduced" and directional(ratio_drop) == "not reproduced":
-        v = "reproduced"
-    else:
-        v = "inconclusive"
-    return Verdict(claim, "[FP8 - BF16] DRPO minus [FP8 - BF16] ratio-based, final accuracy",
-                   f"{did.fmt()} (ratio-based FP8 - BF16: {ratio_drop.fmt()}; "
-                   f"DRPO FP8 - BF16: {mean_ci(_fp8_minus_bf16(runs, DRPO).values()).fmt()})", v)
-
-
-def _claim_c(runs: Runs) -> Verdict:
-    claim = "(c) gradient-norm variance 20-30% lower than ratio-based methods"
-    gv = lambda r: r.grad_var if r.grad_var and r.grad_var > 0 else None  # noqa: E731
-    ratio = _seed_mean([d for m in RATIO_BASED if (d := runs.per_seed(MAIN, m, gv))])
-    drpo = runs.per_seed(MAIN, DRPO, gv)
-    e = paired({s: math.log(v) for s, v in drpo.items()}, {s: math.log(v) for s, v in ratio.items()})
-    if e.n == 0:
-        return Verdict(claim, "1 - var(DRPO)/var(ratio-based)", "-", "not tested")
-    red = Estimate(1 - math.exp(e.mean), 1 - math.exp(e.hi), 1 - math.exp(e.lo), e.n)
-    lo_band, hi_band = GRAD_VAR_BAND
-    if e.n < 2 or not math.isfinite(red.lo):
-        v = "inconclusive"
-    elif red.hi < 0:
-        v = "not reproduced"
-    elif red.lo > 0:
-        v = "reproduced" if red.lo <= hi_band and red.hi >= lo_band else "not reproduced"
-    else:
-        v = "inconclusive"
-    return Verdict(claim, f"reduction 1 - var(DRPO)/var({'+'.join(RATIO_BASED)}), {MAIN}", red.fmt(), v)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -384,6 +355,46 @@ def _pooled(runs: dict[int, RunResult], key: str) -> Estimate:
     return mean_ci([r.step_mean(key) for r in runs.values()])
 
 
+def plot_delta(runs: Runs, settings: list[str], path: Path) -> Optional[Path]:
+    """The adaptive delta (obj/delta) over steps, mean over seeds, one line per setting."""
+    if not any(runs.by.get((s, "drpo_auto")) for s in settings):
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    for s in settings:
+        steps, mean, lo, hi = _curve(runs.by.get((s, "drpo_auto"), {}), "obj/delta")
+        if steps:
+            line, = ax.plot(steps, mean, label=s)
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set(yscale="log", xlabel="step", ylabel="delta", title="adaptive delta (mean, 95% CI over seeds)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _claims_of(manifest: dict) -> tuple[C.Claim, ...]:
+    return tuple(C.Claim.from_dict(d, "grid.json") for d in manifest.get("claims", []))
+
+
+def _verdict_rows(vs: list[Verdict], labels: dict) -> list[list[str]]:
+    rows = []
+    for v in vs:
+        c = v.claim
+        pct = c.metric in C.LOG_METRICS
+        side = lambda names: " + ".join(labels.get(n, n) for n in names)  # noqa: E731
+        claimed = ("alike (margin " + (f"{100 * c.margin:.0f}%" if pct else f"{c.margin:.2f}") + ")"
+                   if c.rule == "equivalence" else
+                   f"within {c.margin:.2f} (non-inferior)" if c.rule == "noninferior" else
+                   "> 0" if c.magnitude is None else (f"{100 * c.magnitude:+.0f}%" if pct else f"{c.magnitude:+.2f}"))
+        mde = "-" if not math.isfinite(v.effect.mde) else (f"{100 * v.effect.mde:.1f}%" if pct else f"{v.effect.mde:.3f}")
+        rows.append([f"({c.id})", c.text, f"{side(c.treatment)} vs {side(c.control)}; {c.metric}; {v.scope}"
+                     + (f" ({v.detail})" if v.detail else ""), claimed, v.effect.fmt(pct=pct), mde,
+                     f"**{v.verdict}**"])
+    return rows
+
+
 def write_report(out: Path, report_dir: Path, command: str) -> Path:
     """Read the runs of the grid in ``out`` and write ``report_dir/README.md`` with its figures."""
     manifest, done, pending = load_runs(Path(out))
@@ -391,41 +402,60 @@ def write_report(out: Path, report_dir: Path, command: str) -> Path:
     runs = Runs(done)
     methods, settings = manifest.get("methods", {}), manifest.get("settings", {})
     labels = {k: v["label"] for k, v in methods.items()}
+    slabel = lambda s: settings.get(s, {}).get("label", s)  # noqa: E731
     made_by = f"Made by `{command}`."
+    claims = _claims_of(manifest)
+    vs = verdicts(runs, claims)
     md = [f"# Comparison report: grid `{manifest['name']}`", "",
           f"{len(done)} runs ended ({sum(r.diverged for r in done)} diverged), {len(pending)} not ended "
           f"(left out). Base overrides: `{' '.join(manifest['base'])}`. Rebuild with `{command}`.", "",
-          "## Definitions (fixed before looking at data)", "",
-          "* **final accuracy**: held-out `eval/accuracy` at the last step; a diverged (NaN) run counts as 0.",
+          "## Verdicts", "",
+          "Effects are paired differences (treatment minus control, same seed and setting) with 95% t-intervals; "
+          "accuracy in fractions (0.03 = 3 points), variance and time as relative reductions. MDE = the "
+          "smallest effect this many pairs detect with 80% power at the observed spread: an inconclusive "
+          "verdict rules out effects larger than about the MDE.", "",
+          _table(["claim", "text", "comparison (metric; settings)", "claimed", "effect: mean [95% CI]",
+                  "MDE (80%)", "verdict"], _verdict_rows(vs, labels)), "",
+          "### Rules (fixed before the grid ran)", "", "```", (C.__doc__ or "").strip(), "```", "",
+          "## Definitions", "",
+          f"* **final accuracy**: mean held-out `eval/accuracy` of the last {C.FINAL_EVALS} evaluations; "
+          "a diverged (NaN) run counts as 0.",
           "* **best accuracy**: the highest held-out accuracy a run logged.",
-          f"* **collapse**: the run diverged (NaN), or its final accuracy is below {COLLAPSE_REL:g} x its step-0 "
+          f"* **collapse**: the run diverged (NaN), or its last accuracy is below {COLLAPSE_REL:g} x its step-0 "
           f"accuracy, or more than {COLLAPSE_DROP:g} (absolute) below its own best.",
-          "* **gradient-norm variance**: variance over steps of `train/grad_norm` (before clipping) within a run, "
-          "then mean and interval over seeds.",
-          "* intervals are 95% Student-t intervals over seeds, shown as `mean [lo, hi]`; differences are paired by seed.",
-          "", "## Verdicts", "", RULES, "",
-          _table(["claim", "comparison", "effect: mean [95% CI]", "verdict"],
-                 [[v.claim, v.comparison, v.effect, f"**{v.verdict}**"] for v in verdicts(runs, methods)]), ""]
+          "* **gradient-norm variance**: variance over steps of `train/grad_norm` (before clipping) within a run.",
+          f"* **time to accuracy**: the first evaluation step at which a run reaches the setting's target, step-0 "
+          f"accuracy + {C.TIME_FRACTION:g} x (best method's mean final accuracy - step-0 accuracy); never: "
+          "last step + one evaluation interval (censored).",
+          "* intervals are 95% Student-t intervals over seeds, shown as `mean [lo, hi]`.", ""]
 
-    md += ["## Accuracy and collapses", ""]
+    md += ["## Accuracy, collapses and time to accuracy", ""]
     for s in runs.settings():
-        md += [f"### {settings.get(s, {}).get('label', s)} (`{s}`)", ""]
+        target = time_target(runs, s)
+        md += [f"### {slabel(s)} (`{s}`)", "",
+               f"Target for time to accuracy: {target:.3f}." if target is not None else "", ""]
         rows = []
         for m in runs.methods(s):
             rr = runs.by[(s, m)]
+            steps = [r.steps_to(target, r.last_step + r.eval_every) for r in rr.values()] if target is not None else []
+            censored = sum(st > r.last_step for st, r in zip(steps, rr.values()))
             rows.append([labels.get(m, m), str(len(rr)), mean_ci(r.initial_acc for r in rr.values()).fmt(),
                          mean_ci(r.final_acc for r in rr.values()).fmt(), mean_ci(r.best_acc for r in rr.values()).fmt(),
                          f"{sum(r.collapsed for r in rr.values())}/{len(rr)}",
-                         f"{sum(r.diverged for r in rr.values())}/{len(rr)}"])
-        md += [_table(["method", "seeds", "step-0 acc", "final acc", "best acc", "collapses", "diverged"], rows), ""]
+                         f"{sum(r.diverged for r in rr.values())}/{len(rr)}",
+                         (mean_ci(steps).fmt(digits=0) + (f", {censored} censored" if censored else "")) if steps else "-"])
+        md += [_table(["method", "seeds", "step-0 acc", "final acc", "best acc", "collapses", "diverged",
+                       "steps to target"], rows), ""]
 
     md += ["## Curves", ""]
-    for b in manifest["blocks"]:
-        for s in b["settings"]:
-            fig = plot_curves(runs, s, b["methods"], labels, report_dir / f"curves_{b['name']}_{s}.png")
-            md += [f"![curves {b['name']} {s}]({fig.name})", "",
-                   f"*Block `{b['name']}`, setting `{s}`: held-out accuracy and train reward, mean and 95% interval "
-                   f"over seeds. {made_by}*", ""]
+    for s in runs.settings():
+        fig = plot_curves(runs, s, runs.methods(s), labels, report_dir / f"curves_{s}.png")
+        md += [f"![curves {s}]({fig.name})", "",
+               f"*{slabel(s)}: held-out accuracy and train reward, mean and 95% interval over seeds. {made_by}*", ""]
+    fig = plot_delta(runs, runs.settings(), report_dir / "adaptive_delta.png")
+    if fig is not None:
+        md += ["### The adaptive delta", "", f"![adaptive delta]({fig.name})", "",
+               f"*obj/delta of DRPO (adaptive delta) per setting. {made_by}*", ""]
 
     md += ["## Gradient-norm variance", "",
            _table(["setting", "method", "var(grad_norm) over steps", "mean grad_norm"],
@@ -434,20 +464,26 @@ def write_report(out: Path, report_dir: Path, command: str) -> Path:
                    for s in runs.settings() for m in runs.methods(s)]), ""]
 
     md += ["## Rollout mismatch (rollout engine vs trainer, first minibatch of each step)", "",
-           _table(["setting"] + [f"mismatch/{k}" for k in MISMATCH],
-                  [[s] + [mean_ci(r.step_mean(f"mismatch/{k}") for m in runs.methods(s) for r in runs.by[(s, m)].values())
-                          .fmt(digits=4) for k in MISMATCH] for s in runs.settings()]), ""]
+           "Mean over steps of each run, then over the runs of the setting (all methods). The lag of stale "
+           "settings is part of the mismatch: the batch comes from an older policy.", "",
+           _table(["setting"] + [f"mismatch/{k}" for k in MISMATCH_KEYS] + ["rollout/router_flip_frac"],
+                  [[s] + [mean_ci(r.step_mean(key) for m in runs.methods(s) for r in runs.by[(s, m)].values())
+                          .fmt(digits=4) for key in [f"mismatch/{k}" for k in MISMATCH_KEYS] + ["rollout/router_flip_frac"]]
+                   for s in runs.settings()]), ""]
 
+    main = runs.settings()[0] if runs.settings() else None
     md += ["## Tokens beyond the trust region and with corrective (negative) weight", "",
            "Token-weighted means over the steps of each run (beyond = |pi - mu| > 0.15 for every method), "
            "then mean and interval over seeds.", "",
            _table(["setting", "method"] + list(TRUST),
                   [[s, labels.get(m, m)] + [_pooled(runs.by[(s, m)], f"obj/{k}").fmt(digits=4) for k in TRUST]
-                   for s in runs.settings() for m in runs.methods(s)]), "",
-           f"By behaviour probability mu, setting `{MAIN}`:", "",
-           _table(["method", "bucket"] + list(BUCKET_COLS),
-                  [[labels.get(m, m), b] + [_pooled(runs.by[(MAIN, m)], f"obj/{b}/{k}").fmt(digits=4) for k in BUCKET_COLS]
-                   for m in runs.methods(MAIN) for b in BUCKETS]), ""]
+                   for s in runs.settings() for m in runs.methods(s)]), ""]
+    if main is not None:
+        md += [f"By behaviour probability mu, setting `{main}`:", "",
+               _table(["method", "bucket"] + list(BUCKET_COLS),
+                      [[labels.get(m, m), b] + [_pooled(runs.by[(main, m)], f"obj/{b}/{k}").fmt(digits=4)
+                                                for k in BUCKET_COLS]
+                       for m in runs.methods(main) for b in BUCKETS]), ""]
 
     fig = plot_ratio_vs_shift(done, report_dir / "ratio_vs_shift.png")
     shift = {b: mean_ci(r.step_mean(f"obj/{b}/abs_shift_mean") for r in done) for b in BUCKETS}
@@ -463,7 +499,8 @@ def write_report(out: Path, report_dir: Path, command: str) -> Path:
                    for b in BUCKETS]), "",
            f"![ratio vs shift]({fig.name})", "", f"*|r - 1| against |pi - mu| per mu bucket, from the runs' rollouts. {made_by}*", ""]
 
-    md += ["## Grid", ""] + [f"* `{b['name']}` ({len(b['runs'])} runs): {b['claims']}" for b in manifest["blocks"]]
+    md += ["## Grid", ""] + [f"* `{b['name']}` ({len(b['runs'])} runs; settings {', '.join(b['settings'])}; "
+                             f"methods {', '.join(b['methods'])}): {b['claims']}" for b in manifest["blocks"]]
     if pending:
         md += ["", "Runs not ended (left out): " + ", ".join(f"`{p}`" for p in pending)]
     path = report_dir / "README.md"

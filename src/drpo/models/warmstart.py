@@ -129,6 +129,9 @@ def heldout_accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerFast,
 def cache_key(config_dict: dict, vocab: dict, task_settings: dict, seed: int,
               hparams: WarmStartHParams, band: tuple[float, float], stop_at: float) -> str:
     """A short deterministic hash of everything that determines the warm-started model."""
+    # the transformers version is not part of it: .venv (transformers 5.10) and .venv-vllm (5.19)
+    # share one warm start, so that runs with either engine start from the same weights
+    config_dict = {k: v for k, v in config_dict.items() if k != "transformers_version"}
     blob = json.dumps({"config": config_dict, "vocab": sorted(vocab.items()), "task": task_settings,
                        "seed": seed, "hparams": asdict(hparams), "band": list(band),
                        "stop_at": stop_at, "code": CODE_VERSION}, sort_keys=True)

@@ -8,12 +8,13 @@ from drpo.rollout.engine import EngineUnavailable, HFRolloutEngine
 
 
 def require_vllm() -> None:
-    """Fail in one line when vLLM is not importable here (it lives in its own venv, .venv-vllm)."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        raise EngineUnavailable("rollout.engine='vllm' needs vLLM, which is not installed in this environment: "
-                                "run `make setup-vllm` and use .venv-vllm/bin/drpo") from None
+    """Fail in one line when vLLM is not installed here (it lives in its own venv, .venv-vllm)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        from drpo.rollout.vllm_engine import MISSING_VLLM
+
+        raise EngineUnavailable(MISSING_VLLM)
 
 
 def make_engine(cfg: RolloutConfig, model: nn.Module, *, eos_id: int, pad_id: int, seed: int = 0):
@@ -21,6 +22,7 @@ def make_engine(cfg: RolloutConfig, model: nn.Module, *, eos_id: int, pad_id: in
         from drpo.rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine(model, precision=cfg.precision, eos_id=eos_id, pad_id=pad_id, max_batch=cfg.max_batch,
-                          seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization)
+                          seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                          max_model_len=getattr(model.config, "max_position_embeddings", None))
     return HFRolloutEngine(model, precision=cfg.precision, eos_id=eos_id, pad_id=pad_id,
                            max_batch=cfg.max_batch)

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from drpo.rollout.engine import RolloutBatch, SamplingParams, left_pad
+from drpo.rollout.engine import EngineUnavailable, RolloutBatch, SamplingParams, left_pad
 from drpo.rollout.precision import PRECISIONS, quantize_weights_
 
 MISSING_VLLM = "rollout.engine='vllm' needs vLLM: run `make setup-vllm` and use .venv-vllm/bin/drpo"
@@ -56,12 +56,12 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
 
 
 def import_vllm():
-    """The vllm module, imported for in-process use, or a RuntimeError saying how to get it."""
+    """The vllm module, imported for in-process use, or an EngineUnavailable saying how to get it."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vllm reads its environment
     try:
         import vllm
     except ImportError as e:
-        raise RuntimeError(f"{MISSING_VLLM} ({type(e).__name__}: {e})") from e
+        raise EngineUnavailable(f"{MISSING_VLLM} ({type(e).__name__}: {e})") from e
     return vllm
 
 
