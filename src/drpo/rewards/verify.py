@@ -7,6 +7,11 @@ small pool of worker processes (see ``_verify_worker.py``): the caller waits at 
 ``timeout_s`` and kills the worker if it overruns. This makes :func:`verify` safe to call from
 any thread, and adversarial answers (``9^{9^{9^{9}}}``, ``10^{10^{10}}!``) cost at most about
 ``timeout_s``. Workers are POSIX-only (``select`` on pipes).
+
+Trivial cases never reach a worker: an answer that equals the gold answer token for token
+after :func:`_normalise` (which only drops what cannot change an answer's meaning: outer and
+repeated whitespace, ``\\!``, ``$``, ``\\left``/``\\right``; ``\\dfrac`` is ``\\frac``) is True
+at once. A miss is never a fast False: it goes on to math-verify, which decides the rest.
 """
 from __future__ import annotations
 
@@ -56,6 +61,42 @@ def extract_boxed(text: str) -> str | None:
                 return text[start:i]
         i += 1
     return None
+
+
+_TOKEN = re.compile(r"\\(?:[A-Za-z]+|.)|\s+|.", re.DOTALL)  # control word or symbol, spaces, char
+_DELIMITERS = {"(", ")", "[", "]", "|", "\\{", "\\}", "\\|", "\\langle", "\\rangle"}
+
+
+def _normalise(answer: str) -> str:
+    """``answer`` less what cannot change its meaning, for the trivial-match fast path.
+
+    Works on LaTeX tokens, so that ``\\{`` or ``\\\\`` are never split. Strips the ends; writes
+    each run of whitespace as one space (whitespace is kept: math-verify reads ``58, 500`` as a
+    pair but ``58,500`` as a number, and fails on ``\\left (``); drops ``\\!``, unescaped ``$``
+    and a ``\\left``/``\\right`` directly before a delimiter; spells ``\\dfrac``/``\\tfrac`` as
+    ``\\frac``. A control word is never run into a following letter (``\\pi\\!r`` gives
+    ``\\pi r``). Two answers equal after this are the same answer; unequal ones may still be
+    equivalent (math-verify decides those).
+    """
+    tokens = _TOKEN.findall(answer.strip())
+    out: list[str] = []
+    for i, token in enumerate(tokens):
+        if token.isspace():
+            if out and out[-1] != " ":
+                out.append(" ")
+            continue
+        if token in ("\\!", "$"):
+            continue
+        if token in ("\\left", "\\right") and i + 1 < len(tokens) and tokens[i + 1] in _DELIMITERS:
+            continue
+        if out and _is_control_word(out[-1]) and token[0].isalpha():
+            out.append(" ")
+        out.append("\\frac" if token in ("\\dfrac", "\\tfrac") else token)
+    return "".join(out).strip()
+
+
+def _is_control_word(token: str) -> bool:
+    return token.startswith("\\") and token[1:].isalpha()
 
 
 def _read_line(fd: int, deadline: float) -> str | None:
@@ -168,7 +209,8 @@ def verify(response: str, gold: str, *, timeout_s: float = 5.0) -> bool:
     """True when the last ``\\boxed{}`` answer of ``response`` is equivalent to ``gold``.
 
     No boxed answer, an unclosed one, one longer than ``MAX_ANSWER_CHARS``, or a check that
-    takes longer than ``timeout_s`` seconds gives False. Thread-safe; never hangs.
+    takes longer than ``timeout_s`` seconds gives False. An answer equal to ``gold`` after
+    :func:`_normalise` is True without math-verify. Thread-safe; never hangs.
     """
     if not isinstance(response, str):
         raise ValueError(f"response must be a str, got {type(response).__name__}")
@@ -181,4 +223,6 @@ def verify(response: str, gold: str, *, timeout_s: float = 5.0) -> bool:
     pred = extract_boxed(response)
     if pred is None or not pred.strip() or len(pred) > MAX_ANSWER_CHARS:
         return False
+    if _normalise(pred) == _normalise(gold):
+        return True
     return _get_pool().check(pred, gold, timeout_s)
