@@ -1,6 +1,7 @@
 """The math answer checker: extraction, equivalence, thread safety, adversarial inputs, and its
 agreement with MATH-500's own reference solutions."""
 import json
+import os
 import re
 import threading
 import time
@@ -133,18 +134,144 @@ def test_adversarial_input_is_bounded(name):
     assert elapsed < timeout_s + SLACK_S
 
 
-def test_hard_deadline_kills_and_replaces_the_worker():
+def test_hard_deadline_kills_the_worker():
     """Below one second the worker's own (whole-second) signal timeouts cannot fire, so this
     exercises the parent's deadline: kill the worker, answer False, keep working."""
     pool = verify_module._get_pool()
-    before = {w.proc.pid for w in pool.idle}
+    used = pool.idle[-1]  # the next one handed out (the fixture left it idle)
     start = time.monotonic()
     assert verify(ADVERSARIAL["power tower"], "1", timeout_s=0.3) is False
     elapsed = time.monotonic() - start
     print(f"hard deadline at 0.3 s: {elapsed:.2f} s")
     assert elapsed < 1.0  # the worker's own timeout would have taken at least 1 s
-    assert {w.proc.pid for w in pool.idle} != before
+    assert used.proc.returncode is not None and used not in pool.idle
     assert verify(r"\boxed{0.5}", r"\frac{1}{2}")
+
+
+CHEAP_CHECKS = [  # (response, gold, verdict): each takes math-verify milliseconds on an idle core
+    (r"\boxed{\{1,2\}}", r"\{1,2\}", True),
+    (r"\boxed{25}", "25", True),
+    (r"\boxed{\{2, 1\}}", r"\{1,2\}", True),
+    (r"\boxed{0.5}", r"\frac{1}{2}", True),
+    (r"\boxed{24}", "25", False),
+]
+# Threads each running a check that only the hard deadline ends: more than the old pool's
+# min(cpu_count, 8) workers, which is also the number of idle workers kept now.
+EXPENSIVE_CALLERS = min(os.cpu_count() or 1, 8) + 2
+CHEAP_WAIT_BOUND_S = 1.0  # half the per-check timeout in the two tests below
+
+
+def test_cheap_check_is_not_queued_behind_expensive_ones():
+    """While EXPENSIVE_CALLERS threads each run a power tower (timeout_s = 2 s; each holds a
+    worker 1.5-1.9 s), cheap checks from another thread must each return in under
+    CHEAP_WAIT_BOUND_S. Before the fix the pool's min(cpu_count, 8) = 2 workers (2 shared cores)
+    made them queue until a power tower ended: the slowest took 1.85-1.86 s (3 runs). After:
+    0.23-0.49 s, the price of sharing 2 cores with the power towers and other jobs (load average
+    4-7). Workers are started and used once beforehand: start-up is not queueing (the next test
+    covers a cold pool)."""
+    timeout_s = 2.0
+    pool = verify_module._get_pool()
+    spares = [verify_module._Worker() for _ in range(EXPENSIVE_CALLERS + 1)]
+    for worker in spares:
+        assert worker.check("1", "1", 30.0)  # past start-up and math-verify's first-use set-up
+    with pool.lock:
+        pool.idle.extend(spares)
+    barrier = threading.Barrier(EXPENSIVE_CALLERS + 1)
+    verdicts: list[bool] = []
+
+    def expensive() -> None:
+        barrier.wait()
+        verdicts.append(verify(ADVERSARIAL["power tower"], "1", timeout_s=timeout_s))
+
+    threads = [threading.Thread(target=expensive) for _ in range(EXPENSIVE_CALLERS)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    time.sleep(0.3)  # the power towers are under way
+    waits = []
+    for response, gold, expected in CHEAP_CHECKS:
+        start = time.monotonic()
+        assert verify(response, gold, timeout_s=timeout_s) is expected, (response, gold)
+        waits.append(time.monotonic() - start)
+    for thread in threads:
+        thread.join(timeout=60)
+    print("cheap checks beside power towers:", ", ".join(f"{w:.3f} s" for w in waits))
+    assert verdicts == [False] * EXPENSIVE_CALLERS
+    assert max(waits) < CHEAP_WAIT_BOUND_S
+
+
+# A stand-in for _verify_worker.py that speaks its protocol: "slow" sleeps past any deadline,
+# "hold" takes 1 s, anything else is True at once. It isolates the pool from CPU contention.
+SLEEPY_WORKER = """
+import json, sys, time
+print('"ready"', flush=True)
+for line in sys.stdin:
+    time.sleep({"slow": 600, "hold": 1}.get(json.loads(line)["pred"], 0))
+    print(json.dumps({"ok": True}), flush=True)
+"""
+
+
+def test_cheap_check_is_not_queued_behind_checks_that_run_to_the_deadline(monkeypatch):
+    """From a cold pool, 3 x EXPENSIVE_CALLERS threads hold workers until their 2 s deadline
+    kills them; a cheap check from another thread must still return in under
+    CHEAP_WAIT_BOUND_S (it waits SPAWN_AFTER_S, then starts a worker of its own). Before the fix
+    it queued for one of the pool's 2 workers, behind all 12 slow checks: 11.7-11.9 s (2 runs).
+    After: 0.14 s."""
+    timeout_s = 2.0
+    callers = 3 * EXPENSIVE_CALLERS
+    monkeypatch.setattr(verify_module, "_WORKER_SOURCE", SLEEPY_WORKER)
+    monkeypatch.setattr(verify_module, "_pool", None)
+    barrier = threading.Barrier(callers + 1)
+    verdicts: list[bool] = []
+
+    def expensive() -> None:
+        barrier.wait()
+        verdicts.append(verify(r"\boxed{slow}", "1", timeout_s=timeout_s))
+
+    threads = [threading.Thread(target=expensive) for _ in range(callers)]
+    try:
+        for thread in threads:
+            thread.start()
+        barrier.wait()
+        time.sleep(0.5)  # every slow check has its worker
+        start = time.monotonic()
+        assert verify(r"\boxed{2}", "1", timeout_s=timeout_s) is True  # the stand-in's True
+        wait = time.monotonic() - start
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        verify_module._get_pool().close()
+    print(f"cheap check beside {callers} checks that run to the deadline: {wait:.3f} s")
+    assert verdicts == [False] * callers
+    assert wait < CHEAP_WAIT_BOUND_S
+
+
+def test_waiting_call_takes_a_freed_worker_before_its_own_new_one(monkeypatch):
+    """A call that had a worker started (its only one is busy past SPAWN_AFTER_S) still takes
+    the busy one as soon as it comes free (after 0.5 s) when the new one takes 2 s to start;
+    the new one joins the idle workers later."""
+    monkeypatch.setattr(verify_module, "_WORKER_SOURCE", SLEEPY_WORKER.replace('"hold": 1', '"hold": 0.5'))
+    monkeypatch.setattr(verify_module, "_pool", None)
+    pool = verify_module._get_pool()
+    try:
+        assert verify(r"\boxed{2}", "1")  # one worker, idle
+        holder = threading.Thread(target=verify, args=(r"\boxed{hold}", "1"))
+        holder.start()
+        time.sleep(0.1)
+        monkeypatch.setattr(verify_module, "_WORKER_SOURCE", "import time; time.sleep(2)\n" + SLEEPY_WORKER)
+        start = time.monotonic()
+        assert verify(r"\boxed{2}", "1")
+        wait = time.monotonic() - start
+        holder.join(timeout=30)
+        assert pool.alive == 2  # the slow starter still counts
+        print(f"took the freed worker after {wait:.2f} s")
+        assert wait < 1.5  # measured 0.41 s; the new worker is ready only after 2 s
+        deadline = time.monotonic() + 30
+        while len(pool.idle) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(pool.idle) == 2
+    finally:
+        pool.close()
 
 
 def test_worker_that_cannot_start_is_an_error_not_a_silent_false(monkeypatch):
@@ -269,3 +396,24 @@ def test_trivial_match_needs_no_worker(monkeypatch):
         verify(r"\boxed{\{2,1\}}", r"\{1,2\}")  # not trivial: math-verify's to decide
     with pytest.raises(AssertionError, match="a worker was asked"):
         verify(r"\boxed{24}", "25")  # a miss is never a fast False
+
+
+def test_pool_grows_past_the_core_count_and_shrinks_when_idle(monkeypatch):
+    """KEEP_WORKERS + 2 concurrent checks that each hold a worker for 1 s all run at once (the
+    old pool ran KEEP_WORKERS at a time); the extra workers are closed once idle too long."""
+    monkeypatch.setattr(verify_module, "_WORKER_SOURCE", SLEEPY_WORKER)
+    monkeypatch.setattr(verify_module, "_pool", None)
+    pool = verify_module._get_pool()
+    n = verify_module.KEEP_WORKERS + 2
+    try:
+        with ThreadPoolExecutor(max_workers=n) as threads:
+            assert all(threads.map(lambda _: verify(r"\boxed{hold}", "1"), range(n)))
+        assert len(pool.idle) == pool.alive == n
+        extra = list(pool.idle)
+        monkeypatch.setattr(verify_module, "IDLE_CLOSE_S", 0.0)
+        assert verify(r"\boxed{2}", "1")
+        assert len(pool.idle) == pool.alive == verify_module.KEEP_WORKERS
+        closed = [w for w in extra if w not in pool.idle]
+        assert len(closed) == 2 and all(w.proc.returncode is not None for w in closed)
+    finally:
+        pool.close()
