@@ -281,6 +281,24 @@ def test_worker_that_cannot_start_is_an_error_not_a_silent_false(monkeypatch):
         verify(r"\boxed{0.5}", r"\frac{1}{2}")
 
 
+def test_worker_does_not_keep_an_empty_gold_parse():
+    """math-verify's parse returns [] on a timeout, which a busy machine can cause. The worker
+    cached that for the gold, so every later check on it in that worker was False (seen as
+    0.02 s Falses for \\{2,1\\} vs \\{1,2\\} with 12 threads of mixed checks on 2 loaded cores)."""
+    worker: dict = {"__name__": "verify_worker_under_test"}
+    exec(verify_module._WORKER_SOURCE, worker)  # the worker's functions, without its main loop
+    real_parse = worker["parse_boxed"]
+    calls: list[str] = []
+
+    def first_parse_times_out(answer: str, timeout: int) -> list:
+        calls.append(answer)
+        return [] if len(calls) == 1 else real_parse(answer, timeout)
+
+    worker["parse_boxed"] = first_parse_times_out
+    assert worker["check"]("0.5", r"\frac{1}{2}", 5) is False  # the gold's parse "timed out"
+    assert worker["check"]("0.5", r"\frac{1}{2}", 5) is True
+
+
 def test_overlong_answer_is_rejected_without_parsing():
     assert not verify("\\boxed{" + "1" * (MAX_ANSWER_CHARS + 1) + "}", "1" * (MAX_ANSWER_CHARS + 1))
 
