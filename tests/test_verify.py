@@ -211,6 +211,14 @@ for line in sys.stdin:
 """
 
 
+def _settle_and_close(pool) -> None:
+    """Close a test's own pool once no worker is still starting (none is left running)."""
+    deadline = time.monotonic() + 30
+    while pool.alive != len(pool.idle) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pool.close()
+
+
 def test_cheap_check_is_not_queued_behind_checks_that_run_to_the_deadline(monkeypatch):
     """From a cold pool, 3 x EXPENSIVE_CALLERS threads hold workers until their 2 s deadline
     kills them; a cheap check from another thread must still return in under
@@ -240,7 +248,7 @@ def test_cheap_check_is_not_queued_behind_checks_that_run_to_the_deadline(monkey
         for thread in threads:
             thread.join(timeout=60)
     finally:
-        verify_module._get_pool().close()
+        _settle_and_close(verify_module._get_pool())
     print(f"cheap check beside {callers} checks that run to the deadline: {wait:.3f} s")
     assert verdicts == [False] * callers
     assert wait < CHEAP_WAIT_BOUND_S
@@ -271,7 +279,7 @@ def test_waiting_call_takes_a_freed_worker_before_its_own_new_one(monkeypatch):
             time.sleep(0.1)
         assert len(pool.idle) == 2
     finally:
-        pool.close()
+        _settle_and_close(pool)
 
 
 def test_worker_that_cannot_start_is_an_error_not_a_silent_false(monkeypatch):
@@ -434,4 +442,4 @@ def test_pool_grows_past_the_core_count_and_shrinks_when_idle(monkeypatch):
         closed = [w for w in extra if w not in pool.idle]
         assert len(closed) == 2 and all(w.proc.returncode is not None for w in closed)
     finally:
-        pool.close()
+        _settle_and_close(pool)
