@@ -282,6 +282,17 @@ def test_waiting_call_takes_a_freed_worker_before_its_own_new_one(monkeypatch):
         _settle_and_close(pool)
 
 
+def test_forked_child_gets_its_own_pool():
+    parent_pool = verify_module._get_pool()
+    pid = os.fork()
+    if pid == 0:  # the child: its own pool and workers, not the parent's
+        ok = verify_module._get_pool() is not parent_pool and verify(r"\boxed{0.5}", r"\frac{1}{2}")
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert verify(r"\boxed{0.5}", r"\frac{1}{2}")  # the parent's pool still works
+
+
 def test_worker_that_cannot_start_is_an_error_not_a_silent_false(monkeypatch):
     monkeypatch.setattr(verify_module, "_WORKER_SOURCE", "import sys; sys.exit(3)")
     monkeypatch.setattr(verify_module, "_pool", None)
