@@ -258,7 +258,8 @@ def test_waiting_call_takes_a_freed_worker_before_its_own_new_one(monkeypatch):
     """A call that had a worker started (its only one is busy past SPAWN_AFTER_S) still takes
     the busy one as soon as it comes free (after 0.5 s) when the new one takes 2 s to start;
     the new one joins the idle workers later."""
-    monkeypatch.setattr(verify_module, "_WORKER_SOURCE", SLEEPY_WORKER.replace('"hold": 1', '"hold": 0.5'))
+    quick_hold = SLEEPY_WORKER.replace('"hold": 1', '"hold": 0.5')
+    monkeypatch.setattr(verify_module, "_WORKER_SOURCE", quick_hold)
     monkeypatch.setattr(verify_module, "_pool", None)
     pool = verify_module._get_pool()
     try:
@@ -266,7 +267,8 @@ def test_waiting_call_takes_a_freed_worker_before_its_own_new_one(monkeypatch):
         holder = threading.Thread(target=verify, args=(r"\boxed{hold}", "1"))
         holder.start()
         time.sleep(0.1)
-        monkeypatch.setattr(verify_module, "_WORKER_SOURCE", "import time; time.sleep(2)\n" + SLEEPY_WORKER)
+        slow_start = "import time; time.sleep(2)\n" + quick_hold
+        monkeypatch.setattr(verify_module, "_WORKER_SOURCE", slow_start)
         start = time.monotonic()
         assert verify(r"\boxed{2}", "1")
         wait = time.monotonic() - start
@@ -339,7 +341,7 @@ def test_math500_reference_solutions_agree_with_answers():
     """
     rows = _math500_rows()
     assert all(verify(row["solution"], row["answer"]) for row in rows)
-    misses = [row for row in rows if not _math_verify(extract_boxed(row["solution"]), row["answer"])]
+    misses = [r for r in rows if not _math_verify(extract_boxed(r["solution"]), r["answer"])]
     rate = 1 - len(misses) / len(rows)
     print(f"MATH-500 agreement (math-verify): {rate:.4f} ({len(rows) - len(misses)}/{len(rows)})")
     for row in misses:
@@ -417,7 +419,7 @@ def test_fast_path_is_never_true_where_math_verify_is_false():
     pairs = NEAR_MISSES + [(p, g) for g in golds for p in sorted(_perturbations(g))]
     fast = [(p, g) for p, g in pairs if verify_module._normalise(p) == verify_module._normalise(g)]
     overreach = [(p, g) for p, g in fast if not _math_verify(p, g)]
-    print(f"fast-path Trues: {len(fast)} of {len(pairs)} pairs; math-verify False among them: {overreach}")
+    print(f"fast-path Trues: {len(fast)} of {len(pairs)} pairs; math-verify False: {overreach}")
     assert len(fast) >= 500  # not vacuous
     assert overreach == []
 
