@@ -15,7 +15,6 @@ The loop ends when stdin closes (the parent exited or dropped the worker).
 import json
 import logging
 import sys
-from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
@@ -28,10 +27,23 @@ def parse_boxed(answer: str, timeout: int) -> list:
     return parse("\\boxed{" + answer + "}", extraction_config=CONFIG, parsing_timeout=timeout)
 
 
-@lru_cache(maxsize=4096)
+GOLD_CACHE: dict = {}  # (gold, timeout) -> parsed gold, oldest first
+GOLD_CACHE_SIZE = 4096
+
+
 def parse_gold(gold: str, timeout: int) -> tuple:
-    """Gold answers repeat across the n samples of a prompt: parse each once."""
-    return tuple(parse_boxed(gold, timeout))
+    """Gold answers repeat across the n samples of a prompt: parse each once. An empty parse
+    is not kept: math-verify also returns one on a timeout, which a busy machine can cause,
+    and keeping it would fail every later check on that gold in this worker."""
+    key = (gold, timeout)
+    if key in GOLD_CACHE:
+        return GOLD_CACHE[key]
+    parsed = tuple(parse_boxed(gold, timeout))
+    if parsed:
+        if len(GOLD_CACHE) >= GOLD_CACHE_SIZE:
+            del GOLD_CACHE[next(iter(GOLD_CACHE))]
+        GOLD_CACHE[key] = parsed
+    return parsed
 
 
 def check(pred: str, gold: str, timeout: int) -> bool:
