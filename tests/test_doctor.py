@@ -177,6 +177,21 @@ def test_probe_sees_what_a_fresh_verl_process_sees():
     assert [t for t, _ in fired(VERL_TRAPS, facts)] == ["plugin_not_loaded"]
 
 
+def test_probe_reports_a_plugin_that_fails_to_import(tmp_path, monkeypatch):
+    """The silent fallback: verl swallows the plug-in's ImportError (DEBUG log); the probe names it."""
+    pytest.importorskip("verl")
+    from importlib.metadata import entry_points
+
+    if not [ep for ep in entry_points(group="verl.plugins") if ep.name == "drpo"]:
+        pytest.skip("drpo is not pip-installed here: no verl.plugins entry point to break")
+    (tmp_path / "drpo").mkdir()
+    (tmp_path / "drpo" / "__init__.py").write_text("raise ImportError('drpo is broken here')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # shadows the real drpo in the fresh process
+    env = doctor.probe_verl_env([])
+    assert env.registered == []
+    assert env.plugin_error == "loading the 'drpo' plug-in raises ImportError: drpo is broken here"
+
+
 def test_doctor_verl_real_environment():
     """No monkeypatching: versions, the registered names, and only environment traps (if any)
     for the documented overrides."""

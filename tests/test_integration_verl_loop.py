@@ -254,7 +254,7 @@ def reference_step(model_dir: str, weights: dict, batch: DataProto, delta: float
     loss, _ = drpo.policy_loss("drpo", log_prob, b["old_log_probs"], b["advantages"], mask, agg_mode=agg,
                                global_seq_count=mask.shape[0], delta=delta)
     loss.backward()
-    return float(loss), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_grads_equal(verl_grads: dict, ref_grads: dict) -> float:
