@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("trl")
+trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
@@ -42,7 +42,10 @@ def make_trainer(cls: type, tmp_path, **kwargs) -> GRPOTrainer:
                       max_completion_length=6, max_steps=2, learning_rate=1e-2, logging_steps=1,
                       report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=0,
                       **kwargs.pop("config", {}))
-    return cls(model=tiny_model(len(tok)), reward_funcs=reward_digits, args=args, train_dataset=data,
+    model = tiny_model(len(tok))
+    for name, value in kwargs.pop("model_config", {}).items():
+        setattr(model.config, name, value)
+    return cls(model=model, reward_funcs=reward_digits, args=args, train_dataset=data,
                processing_class=tok, **kwargs)
 
 
@@ -118,3 +121,93 @@ def test_matches_trl_losses(tmp_path, trl_config, ours):
     assert grad_t.abs().max() > 0
     assert loss_err <= 1e-6 * max(1.0, abs(loss_t))
     torch.testing.assert_close(grad_m, grad_t, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ the contract with TRL
+# DRPOGRPOTrainer overrides GRPOTrainer._compute_loss (TRL removed its own DPPOTrainer, PR 6402,
+# because overriding private methods was costly to follow). These fail with a one-line reason
+# when the TRL internals we rely on change.
+
+
+class _RecordingDict(dict):
+    """A dict that records which keys were read."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def test_trl_generation_builds_what_compute_loss_reads(tmp_path):
+    """TRL's real _generate_and_score_completions (tiny model, CPU) builds every key
+    DRPOGRPOTrainer._compute_loss needs, including the old policy's log-probs when a generation
+    batch spans two optimizer steps; _compute_loss reads no key outside the declared contract."""
+    from drpo.integrations import trl as ours
+
+    trainer = make_trainer(DRPOGRPOTrainer, tmp_path, config={"steps_per_generation": 2})
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    prompts = [{"prompt": p} for p in ("1+1=", "2+3=") for _ in range(4)]  # RepeatSampler's layout
+    out = trainer._generate_and_score_completions(prompts)
+    missing = [k for k in ours.INPUT_KEYS + ("old_per_token_logps",) if k not in out]
+    assert not missing, f"TRL {trl.__version__}'s generation output lacks {missing}, read by DRPOGRPOTrainer"
+    inputs = _RecordingDict({k: (v[:4] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in out.items()})
+    loss = trainer._compute_loss(trainer.model, inputs)
+    assert torch.isfinite(loss)
+    declared = set(ours.INPUT_KEYS + ours.OPTIONAL_INPUT_KEYS + ours.VISION_INPUT_KEYS)
+    assert inputs.read <= declared, f"_compute_loss reads undeclared keys {sorted(inputs.read - declared)}"
+    assert set(ours.INPUT_KEYS) <= inputs.read
+
+
+def _doctor_trl():
+    from typer.testing import CliRunner
+
+    from drpo.integrations.doctor import app
+
+    return CliRunner().invoke(app, ["trl"])
+
+
+def test_doctor_trl_passes_on_the_supported_trl():
+    result = _doctor_trl()
+    assert result.exit_code == 0 and result.output.rstrip().endswith("OK: no known trap"), result.output
+
+
+def test_doctor_trl_catches_a_changed_compute_loss(monkeypatch):
+    """If TRL changes _compute_loss's signature, or stops calling it, the doctor says so in one line."""
+    def _compute_loss(self, model, inputs, num_items_in_batch):
+        raise AssertionError
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", _compute_loss)
+    result = _doctor_trl()
+    assert result.exit_code == 1
+    assert ("TRAP compute_loss_signature: GRPOTrainer._compute_loss['self', 'model', 'inputs', "
+            "'num_items_in_batch'] is no longer (self, model, inputs): DRPOGRPOTrainer's override no longer "
+            "matches") in result.output
+    monkeypatch.undo()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return self._compute_grpo_loss(model, inputs)
+
+    monkeypatch.setattr(GRPOTrainer, "compute_loss", compute_loss)
+    result = _doctor_trl()
+    assert result.exit_code == 1 and "TRAP compute_loss_not_called: " in result.output
+
+
+def test_vision_inputs_and_router_aux_loss_are_refused(tmp_path):
+    trainer = make_trainer(DRPOGRPOTrainer, tmp_path)
+    with pytest.raises(ValueError, match="does not support vision inputs \\('pixel_values'"):
+        trainer._compute_loss(trainer.model, {"pixel_values": torch.zeros(1)})
+    with pytest.raises(ValueError, match="router auxiliary loss"):
+        make_trainer(DRPOGRPOTrainer, tmp_path / "moe", config={"router_aux_loss_coef": 0.1},
+                     model_config={"output_router_logits": True})

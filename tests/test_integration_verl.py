@@ -21,16 +21,14 @@ import drpo  # noqa: E402
 from drpo.integrations.verl import (  # noqa: E402
     BASELINES, OWN_METHODS, DRPOPolicyLossConfig, register, verl_loss_name,
 )
+from drpo.integrations import doctor  # noqa: E402
+from drpo.integrations.doctor import compose_verl_config  # noqa: E402
 from drpo.objectives import AGG_MODES  # noqa: E402
+from test_doctor import documented_overrides  # noqa: E402
 
-DRPO_OVERRIDES = [
-    "actor_rollout_ref.actor.policy_loss._target_=drpo.integrations.verl.DRPOPolicyLossConfig",
-    "actor_rollout_ref.actor.policy_loss.loss_mode=drpo",
-    "+actor_rollout_ref.actor.policy_loss.drpo_params.delta=10.0",
-    "algorithm.rollout_correction.bypass_mode=True",
-    "actor_rollout_ref.rollout.calculate_log_probs=True",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-]
+# The documented rollout-anchored overrides (docs/integrations.md) plus the micro-batch size verl's
+# ActorConfig requires.
+DRPO_OVERRIDES = documented_overrides("rollout-anchored") + ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"]
 
 
 def actor_config(params: dict | None = None, **kw) -> ActorConfig:
@@ -196,7 +194,7 @@ def test_documented_config_anchors_on_rollout_log_probs(monkeypatch):
     assert cfg.trainer.use_v1 and cfg.algorithm.rollout_correction.bypass_mode
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     assert isinstance(actor.policy_loss, DRPOPolicyLossConfig)
-    assert actor.policy_loss.drpo_params == {"delta": 10.0}
+    assert actor.policy_loss.drpo_params == {"delta": 12.5}
 
     x = batch(5, B=4, T=6)
     rollout = x["old"]
@@ -227,7 +225,7 @@ def test_documented_config_anchors_on_rollout_log_probs(monkeypatch):
     assert torch.equal(seen["old_log_prob"][x["mask"]], rollout[x["mask"]])
     assert "actor/drpo/penalty_mean" in metrics
     lp = x["log_prob"].clone()
-    ref, _ = drpo.policy_loss("drpo", lp, rollout, x["adv"], x["mask"], delta=10.0)
+    ref, _ = drpo.policy_loss("drpo", lp, rollout, x["adv"], x["mask"], delta=12.5)
     torch.testing.assert_close(loss.detach(), ref)
 
 
@@ -235,26 +233,70 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    import verl
+    return compose_verl_config("main_ppo", overrides)
 
-    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        return compose(config_name="ppo_trainer", overrides=overrides)
+
+def recipe_overrides(script: str) -> list[str]:
+    """The hydra overrides a recipe passes to verl (its DRY_RUN=1 output)."""
+    out = subprocess.run(["bash", os.path.join(REPO, "examples", "verl", script)], env={**os.environ, "DRY_RUN": "1"},
+                         capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+def doctor_traps(monkeypatch, entry: str, overrides: list[str]) -> list[str]:
+    """`drpo doctor verl --entry ENTRY OVERRIDES` with the environment probe faked complete, so
+    only the traps of the configuration itself can fire."""
+    from typer.testing import CliRunner
+
+    env = doctor.VerlEnv(verl_version="0.9.1", registered=["drpo"])
+    monkeypatch.setattr(doctor, "probe_verl_env", lambda modules, timeout=300.0: env)
+    result = CliRunner().invoke(doctor.app, ["verl", "--entry", entry, *overrides])
+    traps = [ln.split(":")[0].split()[1] for ln in result.output.splitlines() if ln.startswith("TRAP ")]
+    assert result.exit_code == (1 if traps else 0), result.output
+    return traps
 
 
 def test_recipe_overrides_compose_with_verl_config():
     from verl.utils.config import omega_conf_to_dataclass
 
-    script = os.path.join(REPO, "examples", "verl", "run_drpo_qwen3_4b.sh")
-    out = subprocess.run(["bash", script], env={**os.environ, "DRY_RUN": "1"}, capture_output=True,
-                         text=True, check=True)
-    cfg = _compose(out.stdout.splitlines())
+    overrides = recipe_overrides("run_drpo_qwen3_4b.sh")
+    assert set(documented_overrides("rollout-anchored")) <= set(overrides)
+    cfg = _compose(overrides)
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     assert actor.policy_loss.loss_mode == "drpo" and actor.policy_loss.drpo_params == {"delta": 12.5}
     assert cfg.algorithm.rollout_correction.bypass_mode and cfg.trainer.use_v1
     assert (cfg.data.train_batch_size, actor.ppo_mini_batch_size, cfg.actor_rollout_ref.rollout.n) == (64, 16, 8)
     assert cfg.actor_rollout_ref.rollout.val_kwargs.n == 16 and actor.optim.lr == 1e-6
+
+
+def test_recipes_pass_the_doctor(monkeypatch):
+    assert doctor_traps(monkeypatch, "main_ppo", recipe_overrides("run_drpo_qwen3_4b.sh")) == []
+    assert doctor_traps(monkeypatch, "fully_async", recipe_overrides("run_drpo_qwen3_4b_fully_async.sh")) == []
+
+
+def test_async_recipe_composes_with_verl_fully_async_config(monkeypatch):
+    """The fully-async recipe's overrides, composed with verl's fully_async_ppo_trainer.yaml as
+    `python -m verl.experimental.fully_async_policy.fully_async_main` does: drpo anchored on the
+    recomputed proximal policy with token-level rollout-correction weights, 64 prompts per sync."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    overrides = recipe_overrides("run_drpo_qwen3_4b_fully_async.sh")
+    assert set(documented_overrides("fully-async")) <= set(overrides)
+    cfg = compose_verl_config("fully_async", overrides)
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    assert isinstance(actor.policy_loss, DRPOPolicyLossConfig) and actor.policy_loss.loss_mode == "drpo"
+    assert actor.policy_loss.drpo_params == {"delta": 12.5} and actor.strategy == "fsdp2"
+    rc = cfg.algorithm.rollout_correction
+    assert (rc.bypass_mode, rc.rollout_is, rc.rollout_is_threshold) == (False, "token", 2.0)
+    assert cfg.actor_rollout_ref.rollout.calculate_log_probs and not cfg.actor_rollout_ref.hybrid_engine
+    assert (cfg.data.train_batch_size, cfg.data.gen_batch_size, cfg.actor_rollout_ref.rollout.mode) == (0, 1, "async")
+    a = cfg.async_training
+    prompts_per_sync = actor.ppo_mini_batch_size * a.require_batches * a.trigger_parameter_sync_step
+    assert prompts_per_sync == 64 and cfg.actor_rollout_ref.rollout.n == 8
+    # the yaml's default, bypass_mode=True, is what the recipe must override
+    without = [o for o in overrides if not o.startswith("algorithm.rollout_correction.bypass_mode")]
+    assert doctor_traps(monkeypatch, "fully_async", without) == ["bypass_rewrites_loss",
+                                                                  "bypass_ignores_rollout_correction"]
 
 
 def test_data_step_writes_verl_parquet(tmp_path):

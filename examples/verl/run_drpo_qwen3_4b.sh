@@ -3,7 +3,7 @@
 #
 #   TRAIN_JSONL=/data/dapo_math_17k.jsonl bash examples/verl/run_drpo_qwen3_4b.sh [extra hydra overrides]
 #
-# Needs: pip install -e '.[verl]' vllm TransferQueue (verl's v1 trainer, the default, imports it).
+# Needs: pip install -e '.[verl]' vllm (the extra includes TransferQueue, which verl's v1 trainer imports).
 # DRY_RUN=1 prints the hydra overrides and exits (the test suite composes them with verl's config).
 set -euo pipefail
 
@@ -93,4 +93,6 @@ for bench in aime24 aime25; do
     --data-source "$bench" --split test
 done
 
+drpo_doctor() { python -c "from drpo.integrations.doctor import app; app()" verl "$@"; }
+drpo_doctor --entry main_ppo "${OVERRIDES[@]}" "$@"   # stop here on a known trap
 python -m verl.trainer.main_ppo "${OVERRIDES[@]}" "$@"

@@ -15,7 +15,12 @@ that method:
 
 With vLLM, the anchor already *is* the rollout distribution, so TRL's extra vLLM importance
 sampling correction is not applied (``vllm_importance_sampling_correction`` is ignored). The
-KL-to-reference term (``beta``) and TRL's entropy/top-entropy options are not supported.
+KL-to-reference term (``beta``), TRL's entropy/top-entropy options, the MoE router auxiliary loss
+and vision inputs are not supported (rejected with a one-line error).
+
+Contract with TRL (supported range: ``drpo.integrations.doctor.SUPPORTED_TRL``): the names below
+are everything this module relies on; ``drpo doctor trl`` and tests/test_integration_trl.py check
+the installed TRL still has them.
 """
 from __future__ import annotations
 
@@ -27,6 +32,17 @@ from trl import GRPOTrainer
 import drpo
 from drpo.objectives import AGG_MODES, get_objective
 from drpo.objectives.api import DEFAULT_REPORT_BOUNDARY
+
+# Keys of TRL's generation output that _compute_loss reads: always, and when TRL provides them.
+INPUT_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "num_items_in_batch")
+OPTIONAL_INPUT_KEYS = ("sampling_per_token_logps", "old_per_token_logps", "tool_mask")
+# Vision inputs TRL's own _compute_loss forwards to the model; we do not, so we refuse them.
+VISION_INPUT_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
+# Parameters of GRPOTrainer._get_per_token_logps_and_entropies that we pass.
+LOGPS_PARAMS = ("model", "input_ids", "attention_mask", "logits_to_keep", "compute_entropy")
+# Attributes GRPOTrainer.__init__ sets that we read.
+TRAINER_ATTRIBUTES = ("beta", "top_entropy_quantile", "_entropy_bonus_enabled", "aux_loss_enabled",
+                      "max_completion_length", "_metrics")
 
 
 class DRPOGRPOTrainer(GRPOTrainer):
@@ -61,6 +77,8 @@ class DRPOGRPOTrainer(GRPOTrainer):
             raise ValueError("DRPOGRPOTrainer does not support the KL-to-reference term; set beta=0.0")
         if self.top_entropy_quantile < 1.0 or self._entropy_bonus_enabled:
             raise ValueError("DRPOGRPOTrainer does not support top_entropy_quantile / entropy bonus")
+        if self.aux_loss_enabled:
+            raise ValueError("DRPOGRPOTrainer does not add the MoE router auxiliary loss; set router_aux_loss_coef=0.0")
 
     @staticmethod
     def anchor_log_probs(inputs: dict[str, Any], per_token_logps: torch.Tensor) -> torch.Tensor:
@@ -78,6 +96,9 @@ class DRPOGRPOTrainer(GRPOTrainer):
         return count
 
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        vision = [k for k in VISION_INPUT_KEYS if inputs.get(k) is not None]
+        if vision:
+            raise ValueError(f"DRPOGRPOTrainer does not support vision inputs ({vision[0]!r} in the batch)")
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)

@@ -23,6 +23,9 @@ at :class:`DRPOPolicyLossConfig`, whose ``drpo_params`` dict is passed to
 Aggregation uses verl's ``actor.loss_agg_mode`` and ``config.global_batch_info`` exactly like
 verl's ``agg_loss``: the loss is ``aggregate(L, counts=global counts) * dp_size``, so
 micro-batches and data-parallel ranks normalise as verl's own losses do.
+
+Metrics: drpo's trust-region metrics under ``actor/drpo/<name>``; the loss itself is verl's
+``actor/pg_loss`` (summed over micro-batches by verl, as the global normalisation requires).
 """
 from __future__ import annotations
 
@@ -67,6 +70,14 @@ def verl_loss_name(objective: str) -> str:
     if objective in BASELINES:
         return f"drpo_{objective}"
     raise ValueError(f"objective {objective!r} is not exposed to verl; exposed: {OWN_METHODS + BASELINES}")
+
+
+def objective_for_loss_mode(loss_mode: str) -> Optional[str]:
+    """The drpo objective behind verl ``loss_mode`` (inverse of :func:`verl_loss_name`), or None."""
+    for objective in OWN_METHODS + BASELINES:
+        if verl_loss_name(objective) == loss_mode:
+            return objective
+    return None
 
 
 def _policy_loss_settings(config: Any) -> tuple[dict[str, Any], float, bool]:
@@ -129,6 +140,10 @@ def make_verl_loss(objective: str) -> Callable[..., tuple[torch.Tensor, dict[str
         common = dict(agg_mode=loss_agg_mode, compute_metrics=compute_metrics, report_boundary=boundary)
         loss, metrics = drpo.policy_loss(objective, log_prob, old_log_prob, advantages, response_mask,
                                          token_weights=rollout_is_weights, **common, **counts, **params)
+        # verl averages policy-loss metrics over micro-batches (AggregationType.MEAN), right for our
+        # per-token statistics but not for "loss": each micro-batch's loss is its share of the global
+        # sum. verl reports the loss itself, correctly summed, as actor/pg_loss.
+        metrics.pop("loss", None)
         return loss * dp_size, {METRIC_PREFIX + k: v for k, v in metrics.items()}
 
     loss_fn.__name__ = f"drpo_verl_{objective}"
