@@ -13,8 +13,11 @@ from typing import List, NoReturn, Optional
 
 import typer
 
+from drpo.integrations.doctor import app as doctor_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Trust-region objectives (DRPO, DPPO, SPO, PPO, ...) and a compact RL trainer for LLMs.")
+app.add_typer(doctor_app, name="doctor")  # `drpo doctor verl|trl`; imports verl/TRL only inside its commands
 
 
 def _fail(msg: str, code: int = 2) -> NoReturn:

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import yaml
 from tqdm.auto import tqdm
 
-from drpo.experiments.grids import Grid, Run, build_grid, describe
+from drpo.experiments.grids import SETTINGS, Grid, Run, build_grid, describe
 from drpo.training import run_io
 from drpo.training.config import RunConfig, load_config
 
@@ -150,6 +150,14 @@ def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] =
     print(describe(g, estimate, workers))
     if estimate is not None:
         return {"entries": {}, "report": None}
+    if g.needs_vllm:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            vllm_blocks = [b.name for b in g.blocks if any(SETTINGS[s].needs_vllm for s in b.settings)]
+            raise ValueError(f"grid {g.name!r} has vLLM settings (blocks {vllm_blocks}) and vLLM is not installed "
+                             "here: run it with .venv-vllm/bin/drpo (make setup-vllm), or keep the other blocks "
+                             "with --blocks")
     entries = run_grid(g, out, workers)
     errors = {k: e["reason"] for k, e in entries.items() if e["state"] == "error"}
     for slug, reason in errors.items():

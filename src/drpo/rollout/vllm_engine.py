@@ -58,6 +58,7 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
 def import_vllm():
     """The vllm module, imported for in-process use, or an EngineUnavailable saying how to get it."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vllm reads its environment
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not an INFO line per weight sync
     try:
         import vllm
     except ImportError as e:
@@ -93,8 +94,9 @@ def engine_weights(model: nn.Module, precision: str, fake_fp8: bool) -> Iterator
     if precision == "fp8" and fake_fp8:
         model = copy.deepcopy(model)
         quantize_weights_(model, "fp8")
+    dtype = getattr(torch, _DTYPES[precision])  # vLLM's own cast (round to nearest), done here: no warning per tensor
     for name, t in model.state_dict().items():
-        yield name, t.detach()
+        yield name, t.detach().to(dtype)
 
 
 class VLLMEngine:
