@@ -291,3 +291,12 @@ def test_importing_the_rollout_package_does_not_import_vllm():
     code = ("import sys, drpo.rollout, drpo.rollout.engine, drpo.rollout.vllm_engine; "
             "assert 'vllm' not in sys.modules, 'vllm imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_more_prompt_tokens_than_one_default_batch(engine):
+    """256 prompts of ~20 tokens (the trainer's held-out evaluation) in one call: more tokens than
+    vLLM's default per-step budget. With chunked prefill vLLM discards a sampled token and rewinds
+    its seeded generator, which fails on the CPU ("CPU Generator does not use offset")."""
+    prompts = [PROMPTS[i % len(PROMPTS)] * 3 for i in range(256)]
+    b = engine.generate(prompts, SamplingParams(max_new_tokens=4, n=1), torch.Generator().manual_seed(0))
+    assert len(b) == 256 and b.prompt_index.tolist() == list(range(256))

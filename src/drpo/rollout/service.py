@@ -16,6 +16,11 @@ run is identical: the checkpoint holds the N versions still needed (:meth:`pendi
 The trust-region anchor stays the engine's mu of the stale version that generated the batch.
 
 Both services also generate for evaluation with the latest published weights (:meth:`generate`).
+
+The worker is started with ``spawn``, which imports the main module again in the child: a script
+that builds a :class:`~drpo.training.trainer.Trainer` with ``rollout.staleness >= 1`` needs the usual
+``if __name__ == "__main__":`` guard (``drpo train`` and ``drpo compare`` have it). Without it the
+worker dies while starting and the trainer stops with :class:`RolloutWorkerError`.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import os
 import queue
 import traceback
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from typing import Any, Optional
 
@@ -105,9 +110,10 @@ class WorkerSpec:
     staleness: int
     start_step: int                # the first step whose batch the worker produces
     end_step: int                  # one past the last
+    first_versions: tuple[int, ...] = (0,)  # the versions sent right after start (the engine waits for them)
 
 
-def _worker_main(spec: WorkerSpec, versions: dict[int, bytes], commands, batches, replies) -> None:
+def _worker_main(spec: WorkerSpec, commands, batches, replies) -> None:
     """The rollout worker's loop: produce batch s as soon as version v(s) is known; between batches,
     take in published versions and evaluation requests; stop on request."""
     try:
@@ -119,7 +125,10 @@ def _worker_main(spec: WorkerSpec, versions: dict[int, bytes], commands, batches
         from drpo.rollout.factory import make_engine
         from drpo.tasks.sources import make_prompts
 
-        known: dict[int, StateDict] = {v: _from_bytes(b) for v, b in versions.items()}
+        known: dict[int, StateDict] = {}
+        while len(known) < len(spec.first_versions):  # the weights come through the queue, not the spawn args
+            kind, version, data = commands.get()
+            known[version] = _from_bytes(data)
         model = AutoModelForCausalLM.from_config(spec.model_config, dtype=torch.float32)
         first = min(known)
         model.load_state_dict(known[first])
@@ -194,10 +203,14 @@ class AsyncRollout:
         self._next_step = spec.start_step
         env_before = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        spec = replace(spec, first_versions=tuple(sorted(versions)))
         self._proc = ctx.Process(target=_worker_main, name="drpo-rollout-worker", daemon=True,
-                                 args=(spec, {v: _to_bytes(sd) for v, sd in versions.items()},
-                                       self._commands, self._batches, self._replies))
+                                 args=(spec, self._commands, self._batches, self._replies))
         self._proc.start()
+        # the weights go through the queue (its feeder thread), so that a worker that dies while
+        # starting is noticed by _receive instead of blocking the start on a full pipe
+        for v, sd in sorted(versions.items()):
+            self._commands.put(("weights", v, _to_bytes(sd)))
         if env_before is None:
             del os.environ["TOKENIZERS_PARALLELISM"]
 
@@ -208,8 +221,10 @@ class AsyncRollout:
                 got, step, payload = source.get(timeout=POLL_S)
             except queue.Empty:
                 if not self._proc.is_alive():
-                    raise RolloutWorkerError(f"the rollout worker process exited (code {self._proc.exitcode}) "
-                                             "without reporting an error") from None
+                    raise RolloutWorkerError(
+                        f"the rollout worker process exited (code {self._proc.exitcode}) without reporting an "
+                        "error; a script that starts training needs the `if __name__ == \"__main__\":` guard "
+                        "(the worker is started with spawn, which imports the main module again)") from None
                 continue
             if got == "error":
                 last = payload.strip().splitlines()[0]

@@ -135,6 +135,10 @@ class VLLMEngine:
                 model=folder, skip_tokenizer_init=True, load_format="dummy", dtype=_DTYPES[precision],
                 quantization="fp8" if precision == "fp8" and not self.fake_fp8 else None,
                 seed=seed, max_model_len=max_model_len, max_num_seqs=max_batch,
+                # every waiting prompt prefilled in one step: a chunked prefill discards the token it
+                # sampled and rewinds its seeded generator, which vLLM's CPU generators cannot do
+                enable_chunked_prefill=False,
+                max_num_batched_tokens=max_batch * (max_model_len or model.config.max_position_embeddings),
                 gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
                 enforce_eager=True, logprobs_mode="processed_logprobs", generation_config="vllm")
         self.sync(model)
