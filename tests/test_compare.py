@@ -50,10 +50,10 @@ def test_default_grid_counts_unique_dirs_and_valid_overrides():
     auto = load_config(None, [*METHODS["drpo_auto"].overrides()])
     assert auto.objective.adaptive_delta
     assert load_config(None, [*METHODS["drpo_d0.15"].overrides()]).objective.params == {"delta": 0.15}
-    assert {c.id for c in g.claims} == set("abcdefgh")
+    assert {c.id for c in g.claims} == set("abcdefghi")
     for c in g.claims:  # every claim's methods and settings are in the grid
         names = {n for side in (c.treatment, c.control) for x in side for n in x.removeprefix("best:").split(",")}
-        assert names <= set(METHODS) and set(c.settings) <= set(SETTINGS), c.id
+        assert names <= set(METHODS) and set(c.settings) | {c.control_setting or "fp8"} <= set(SETTINGS), c.id
         assert all(any(r.setting == s for r in g.runs) for s in c.settings), c.id
 
 

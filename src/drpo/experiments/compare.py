@@ -119,7 +119,9 @@ def run_grid(grid: Grid, out: Path, workers: int = 1) -> dict[str, dict[str, Any
             bar.set_description(f"grid {grid.name}: {r.slug}")
             record(execute(r, out, actions[r.slug]))
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        # a fresh process per run (max_tasks_per_child=1): no state of one run (vLLM's in-process engine,
+        # allocator caches) leaks into the next
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
             futures = [pool.submit(execute, r, out, actions[r.slug]) for r in todo]
             for f in as_completed(futures):
                 record(f.result())

@@ -259,9 +259,9 @@ def claim_effect(runs: "Runs", claim: C.Claim, settings: tuple[str, ...]) -> tup
     """The paired values of ``claim`` over ``settings`` x seeds, and its effect."""
     values, notes = [], []
     for s in settings:
-        f = _metric(runs, claim, s)
+        f = _metric(runs, claim, s)  # (the time target of the treatment's setting serves both sides)
         t, _ = _side(runs, s, claim.treatment, f)
-        c, label = _side(runs, s, claim.control, f)
+        c, label = _side(runs, claim.control_setting or s, claim.control, f)
         values += [t[k] - c[k] for k in sorted(set(t) & set(c))]
         if claim.control[0].startswith("best:") and c:
             notes.append(f"{s}: best fixed = {label}")
