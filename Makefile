@@ -49,8 +49,9 @@ test: setup-all setup-vllm
 geometry: setup
 	$(VENV)/bin/drpo geometry --out docs/figures
 
-compare: setup
-	$(VENV)/bin/drpo compare --workers 2 --out runs/compare --report docs/compare
+# the default grid has a vLLM setting: it runs in .venv-vllm (the HF settings run there too)
+compare: setup-vllm
+	$(VLLM_VENV)/bin/drpo compare --workers 2 --out runs/compare --report docs/compare
 
 bench: setup-all
 	$(PY) benchmarks/logprob_bench.py

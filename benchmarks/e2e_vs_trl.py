@@ -97,7 +97,9 @@ def build_ours(model: str, out: Path, a) -> "object":
         "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=0",
         "train.minibatches=1", f"train.lr={a.lr}", "train.grad_clip=1.0", "objective.name=grpo",
         "eval.every=0", "progress=false", "tensorboard=false", "save_every=0",
-        f"threads={a.threads}", f"seed={a.seed}",
+        # with an asynchronous rollout worker the cores are split: each process gets half the threads
+        f"threads={max(1, a.threads // 2) if a.staleness else a.threads}", f"seed={a.seed}",
+        f"rollout.staleness={a.staleness}",
     ])
     return Trainer(cfg)
 
@@ -106,7 +108,7 @@ def run_ours(model: str, workdir: Path, a) -> dict:
     tr = build_ours(model, workdir / "ours", a)
     n_seq = a.prompts * a.group
     t0 = time.perf_counter()
-    tr.step(0)  # warm-up
+    tr.step(0)  # warm-up (with a rollout worker: its start and first batch)
     warmup_s = time.perf_counter() - t0
     threads = torch.get_num_threads()
     steps, toks, lens, logged = [], [], [], defaultdict(list)
@@ -120,6 +122,7 @@ def run_ours(model: str, workdir: Path, a) -> dict:
             if k.startswith("time/") or k == "reward/mean":
                 logged[k].append(v)
     tr.rollout.close()
+    tr.lock.release()
     res = summarize(steps, toks, lens)
     res.update(warmup_s=warmup_s, threads=threads, step_times_s=steps,
                reward_mean=statistics.fmean(logged.pop("reward/mean")),
@@ -303,7 +306,12 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8, help="G: samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=16, help="L: max completion tokens")
     p.add_argument("--steps", type=int, default=10, help="N: timed steps per side (after 1 warm-up)")
-    p.add_argument("--threads", type=int, default=_THREADS, help="torch threads, both sides")
+    p.add_argument("--threads", type=int, default=_THREADS,
+                   help="cores for each side: TRL's torch threads; ours' threads, split between trainer and "
+                        "rollout worker with --staleness >= 1")
+    p.add_argument("--staleness", type=int, default=0,
+                   help="ours: rollout.staleness (0 = synchronous, TRL's setting; 1 = one step off-policy, "
+                        "generation overlapped with training in its own process)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="builtin")
@@ -359,7 +367,7 @@ def main() -> None:
         out = {
             "benchmark": "e2e_vs_trl", "quick": a.quick,
             "settings": {"prompts": a.prompts, "group": a.group, "max_new_tokens": a.max_new_tokens,
-                         "steps": a.steps, "warmup_steps": 1,
+                         "steps": a.steps, "warmup_steps": 1, "staleness_ours": a.staleness,
                          "threads": a.threads, "lr": a.lr, "seed": a.seed, "model": a.model,
                          "model_dir": model, "order": a.order, "trl_loss_type": "dapo",
                          "ours_objective": "grpo (agg_mode token-mean)"},

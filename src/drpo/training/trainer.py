@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -139,8 +140,10 @@ class Trainer:
         if found is not None:
             run_io.check_resume_config(found[1]["state"]["config"], cfg.model_dump(mode="json"),
                                        int(found[1]["state"]["step"]))
-        if cfg.threads:
+        if cfg.threads:  # per process: the trainer's, and the rollout worker's when there is one
             torch.set_num_threads(cfg.threads)
+        elif cfg.rollout.staleness:  # trainer and rollout worker share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
         if cfg.rollout.engine == "vllm":
