@@ -44,7 +44,9 @@ run: setup
 test: setup-all setup-vllm
 	$(VENV)/bin/python -m pytest -q
 	# The real vLLM engine, in its own venv; DRPO_REQUIRE_VLLM=1 makes a missing vllm a failure, not a skip.
-	DRPO_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py
+	# The trainer, MoE and comparison tests run there too: the comparison grid runs in that venv.
+	DRPO_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_trainer.py \
+		tests/test_moe.py tests/test_compare.py
 
 geometry: setup
 	$(VENV)/bin/drpo geometry --out docs/figures

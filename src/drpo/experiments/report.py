@@ -32,7 +32,6 @@ from drpo.training import run_io
 COLLAPSE_REL = 0.5
 COLLAPSE_DROP = 0.15
 BUCKETS = BUCKET_NAMES
-MISMATCH = MISMATCH_KEYS + ("router_flip_frac",)
 TRUST = ("beyond_pos_frac", "beyond_neg_frac", "neg_weight_frac", "inactive_frac")
 BUCKET_COLS = ("token_frac", "beyond_frac", "neg_weight_frac", "inactive_frac")
 
@@ -463,13 +462,14 @@ def write_report(out: Path, report_dir: Path, command: str) -> Path:
                     _pooled(runs.by[(s, m)], "train/grad_norm").fmt()]
                    for s in runs.settings() for m in runs.methods(s)]), ""]
 
+    keys = [k for k in [f"mismatch/{k}" for k in MISMATCH_KEYS] + ["rollout/router_flip_frac"]
+            if any(k in row for r in done for row in r.rows)]  # the columns these runs logged
     md += ["## Rollout mismatch (rollout engine vs trainer, first minibatch of each step)", "",
            "Mean over steps of each run, then over the runs of the setting (all methods). The lag of stale "
            "settings is part of the mismatch: the batch comes from an older policy.", "",
-           _table(["setting"] + [f"mismatch/{k}" for k in MISMATCH_KEYS] + ["rollout/router_flip_frac"],
+           _table(["setting"] + keys,
                   [[s] + [mean_ci(r.step_mean(key) for m in runs.methods(s) for r in runs.by[(s, m)].values())
-                          .fmt(digits=4) for key in [f"mismatch/{k}" for k in MISMATCH_KEYS] + ["rollout/router_flip_frac"]]
-                   for s in runs.settings()]), ""]
+                          .fmt(digits=4) for key in keys] for s in runs.settings()]), ""]
 
     main = runs.settings()[0] if runs.settings() else None
     md += ["## Tokens beyond the trust region and with corrective (negative) weight", "",

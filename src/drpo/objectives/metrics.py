@@ -24,7 +24,8 @@ MU_BUCKETS: tuple[tuple[str, float, float], ...] = (
 )
 BUCKET_NAMES = tuple(name for name, _, _ in MU_BUCKETS)
 # the metrics that measure the rollout/trainer mismatch when read before any update on a batch
-MISMATCH_KEYS = ("abs_shift_mean", "abs_shift_max", "ratio_max", "kl_k3")
+MISMATCH_KEYS = ("abs_shift_mean", "abs_shift_max", "ratio_max", "kl_k3", "abs_ratio_dev_mean", "ratio_min",
+                 "beyond_pos_frac", "beyond_neg_frac")
 
 # How each metric combines over micro-batches (and over the minibatches of a step): (kind, count)
 #   ("mean", c)      the mean weighted by count c in each micro-batch: equals the whole batch's value
@@ -37,6 +38,7 @@ REDUCTIONS: dict[str, tuple[str, Optional[str]]] = {
     "tokens": ("sum", None), "signal_tokens": ("sum", None), "loss": ("step_sum", None),
     "ratio_mean": ("mean", "tokens"), "ratio_max": ("max", "tokens"), "ratio_min": ("min", "tokens"),
     "kl_k3": ("mean", "tokens"), "abs_shift_mean": ("mean", "tokens"), "abs_shift_max": ("max", "tokens"),
+    "abs_ratio_dev_mean": ("mean", "tokens"),
     "beyond_pos_frac": ("mean", "tokens"), "beyond_neg_frac": ("mean", "tokens"),
     "inactive_frac": ("mean", "tokens"), "neg_weight_frac": ("mean", "signal_tokens"),
     "weight_mean": ("mean", "signal_tokens"), "weight_min": ("min", "signal_tokens"),
@@ -96,6 +98,7 @@ def trust_region_metrics(
     add("ratio_max", torch.where(m, r, zero).max())
     add("ratio_min", torch.where(m, r, torch.full_like(r, float("inf"))).min())
     add("kl_k3", masked_mean(k3, m))
+    add("abs_ratio_dev_mean", masked_mean((r - 1.0).abs(), m))
     add("abs_shift_mean", masked_mean(shift.abs(), m))
     add("abs_shift_max", torch.where(m, shift.abs(), zero).max())
     add("beyond_pos_frac", masked_mean(beyond_pos.float(), m))
