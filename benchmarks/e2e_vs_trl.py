@@ -126,7 +126,7 @@ def run_ours(model: str, workdir: Path, a) -> dict:
     res = summarize(steps, toks, lens)
     res.update(warmup_s=warmup_s, threads=threads, step_times_s=steps,
                reward_mean=statistics.fmean(logged.pop("reward/mean")),
-               optimizer=type(tr.optimizer).__name__, profile=profile(logged))
+               optimizer=type(tr.optimizer).__name__, profile=profile(logged, a.staleness))
     return res
 
 
@@ -142,17 +142,25 @@ PHASES = {
 }
 
 
-def profile(logged: dict[str, list[float]]) -> dict:
-    """Mean seconds per step of each phase, from the trainer's own ``time/*`` metrics."""
+def profile(logged: dict[str, list[float]], staleness: int = 0) -> dict:
+    """Mean seconds per step of each phase, from the trainer's own ``time/*`` metrics. With a rollout
+    worker (staleness >= 1) generation and reward run there, overlapped: the trainer's step holds
+    only its wait for the worker's batch."""
     mean = {k: statistics.fmean(v) for k, v in logged.items()}
-    missing = [k for k in (*PHASES.values(), "time/update", "time/step") if k not in mean]
+    missing = [k for k in (*PHASES.values(), "time/update", "time/step", "time/wait_rollout") if k not in mean]
     if missing:
         raise RuntimeError(f"the trainer no longer logs {missing}: update PHASES")
     rows = {name: mean[k] for name, k in PHASES.items()}
+    if staleness:
+        overlapped = {f"{name} [in the rollout worker, overlapped]": rows.pop(name)
+                      for name in ("rollout (generate)", "reward (decode + verify)")}
+        rows = {"wait for the rollout worker's batch": mean["time/wait_rollout"], **rows}
     inner = sum(mean[k] for k in ("time/logprob", "time/loss", "time/backward", "time/optimizer"))
     rows["update: other (metrics, batching)"] = mean["time/update"] - inner
     step = mean["time/step"]
     rows["outside the timed phases"] = step - sum(rows.values())
+    if staleness:
+        rows.update(overlapped)
     return {"step_s": step, "seconds": rows, "share": {k: v / step for k, v in rows.items()}}
 
 
