@@ -10,6 +10,7 @@ from drpo.objectives.adaptive import AdaptiveDeltaConfig, adapt_delta, token_del
 from drpo.training import run_io
 from drpo.training.config import ConfigError, load_config
 from drpo.training.trainer import Trainer
+from helpers import interrupt_at
 
 
 def test_step_rule_halves_doubles_and_stays_within_bounds():
@@ -62,14 +63,7 @@ def test_trainer_adapts_logs_and_resumes_delta(tiny_model_dir, tmp_path, monkeyp
     rows = run_io.read_metrics(tmp_path / "full" / "metrics.jsonl")
     # any divergence exceeds the tiny target: halved every step down to the floor
     assert [r["obj/delta"] for r in rows] == [12.5, 6.25, 3.125, 1.5625]
-    real = Trainer.step
-
-    def stop(self, i):
-        if i == 3:
-            raise KeyboardInterrupt
-        return real(self, i)
-
-    monkeypatch.setattr(Trainer, "step", stop)
+    interrupt_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         Trainer(cfg(tmp_path / "part")).train()
     monkeypatch.undo()

@@ -21,6 +21,7 @@ from drpo.experiments.grids import (
 from drpo.training import run_io
 from drpo.training.config import load_config
 from drpo.training.trainer import Trainer, TrainingDiverged
+from helpers import interrupt_at
 
 
 def tiny(model_dir: str) -> list[str]:
@@ -122,13 +123,7 @@ def test_skip_resume_restart_and_collapse_bookkeeping(tiny_model_dir, tmp_path, 
     # a run interrupted after its step-2 checkpoint, and one that finished
     Trainer(compare.run_config(done, out)).train()
     real_step = Trainer.step
-
-    def interrupted(self, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-
-    monkeypatch.setattr(Trainer, "step", interrupted)
+    interrupt_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         Trainer(compare.run_config(partial, out)).train()
     monkeypatch.setattr(Trainer, "step", real_step)

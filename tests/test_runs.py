@@ -15,6 +15,7 @@ from drpo.cli import app
 from drpo.training import run_io
 from drpo.training.config import ConfigError, load_config
 from drpo.training.trainer import Trainer
+from helpers import interrupt_at
 
 LEARNABLE = "task.reward=helpers:number_reward"
 
@@ -27,17 +28,6 @@ def args(tiny_model_dir, out, *extra) -> list[str]:
 
 def small(tiny_model_dir, out, *extra):
     return load_config(None, args(tiny_model_dir, out, *extra))
-
-
-def interrupt_at(monkeypatch, at: int) -> None:
-    real = Trainer.step
-
-    def step(self, i):
-        if i == at:
-            raise KeyboardInterrupt
-        return real(self, i)
-
-    monkeypatch.setattr(Trainer, "step", step)
 
 
 # ------------------------------------------------------------------ 1. one process per run directory

@@ -16,6 +16,7 @@ from drpo.cli import app
 from drpo.training import run_io, trainer as trainer_mod
 from drpo.training.config import RunConfig, load_config
 from drpo.training.trainer import Trainer, TrainingDiverged
+from helpers import interrupt_at
 
 VOLATILE = ("time/", "throughput/")
 LEARNABLE = "task.reward=helpers:number_reward"
@@ -98,17 +99,10 @@ def test_resume_is_exact_in_metrics_weights_and_optimizer_state(tiny_model_dir, 
     Trainer(small(tiny_model_dir, full)).train()
 
     part = tmp_path / "part"
-    real_step = Trainer.step
-
-    def interrupted(self, step):
-        if step == 3:  # 0-based: the 4th step, after the step-2 checkpoint and the step-3 row
-            raise KeyboardInterrupt
-        return real_step(self, step)
-
-    monkeypatch.setattr(Trainer, "step", interrupted)
+    interrupt_at(monkeypatch, 3)  # 0-based: the 4th step, after the step-2 checkpoint and the step-3 row
     with pytest.raises(KeyboardInterrupt):
         Trainer(small(tiny_model_dir, part)).train()
-    monkeypatch.setattr(Trainer, "step", real_step)
+    monkeypatch.undo()
     assert [r["step"] for r in run_io.read_metrics(part / "metrics.jsonl")] == [0, 1, 2, 3]
     assert run_io.read_status(part)["state"] == "interrupted"
     with pytest.raises(FileExistsError, match="--resume"):
@@ -146,17 +140,10 @@ def test_staleness_lags_exactly_and_resumes_exactly(tiny_model_dir, tmp_path, mo
     assert all(r["mismatch/abs_shift_max"] > 1e-4 for r in rows[3:])
 
     part = tmp_path / "part"
-    real_step = Trainer.step
-
-    def interrupted(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-
-    monkeypatch.setattr(Trainer, "step", interrupted)
+    interrupt_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         Trainer(small(tiny_model_dir, part, *extra)).train()
-    monkeypatch.setattr(Trainer, "step", real_step)
+    monkeypatch.undo()
     assert (part / "checkpoints" / "step_2" / run_io.ROLLOUT_VERSIONS).exists()
     Trainer(small(tiny_model_dir, part, *extra), resume=True).train()
     assert stable_rows(part / "metrics.jsonl") == stable_rows(full / "metrics.jsonl")
