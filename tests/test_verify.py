@@ -243,7 +243,7 @@ def test_cheap_check_is_not_queued_behind_checks_that_run_to_the_deadline(monkey
         barrier.wait()
         time.sleep(0.5)  # every slow check has its worker
         start = time.monotonic()
-        assert verify(r"\boxed{2}", "1", timeout_s=timeout_s) is True  # the stand-in's True
+        assert verify(r"\boxed{2.5}", "1", timeout_s=timeout_s) is True  # the stand-in's True
         wait = time.monotonic() - start
         for thread in threads:
             thread.join(timeout=60)
@@ -263,14 +263,14 @@ def test_waiting_call_takes_a_freed_worker_before_its_own_new_one(monkeypatch):
     monkeypatch.setattr(verify_module, "_pool", None)
     pool = verify_module._get_pool()
     try:
-        assert verify(r"\boxed{2}", "1")  # one worker, idle
+        assert verify(r"\boxed{2.5}", "1")  # one worker, idle
         holder = threading.Thread(target=verify, args=(r"\boxed{hold}", "1"))
         holder.start()
         time.sleep(0.1)
         slow_start = "import time; time.sleep(2)\n" + quick_hold
         monkeypatch.setattr(verify_module, "_WORKER_SOURCE", slow_start)
         start = time.monotonic()
-        assert verify(r"\boxed{2}", "1")
+        assert verify(r"\boxed{2.5}", "1")
         wait = time.monotonic() - start
         holder.join(timeout=30)
         assert pool.alive == 2  # the slow starter still counts
@@ -434,7 +434,9 @@ def test_trivial_match_needs_no_worker(monkeypatch):
     with pytest.raises(AssertionError, match="a worker was asked"):
         verify(r"\boxed{\{2,1\}}", r"\{1,2\}")  # not trivial: math-verify's to decide
     with pytest.raises(AssertionError, match="a worker was asked"):
-        verify(r"\boxed{24}", "25")  # a miss is never a fast False
+        verify(r"\boxed{24.0}", "25")  # a miss is never a fast False ...
+    assert not verify(r"\boxed{24}", "25")  # ... but for two plain integers, compared by value
+    assert verify(r"\boxed{025}", "25")
 
 
 def test_pool_grows_past_the_core_count_and_shrinks_when_idle(monkeypatch):
@@ -450,9 +452,18 @@ def test_pool_grows_past_the_core_count_and_shrinks_when_idle(monkeypatch):
         assert len(pool.idle) == pool.alive == n
         extra = list(pool.idle)
         monkeypatch.setattr(verify_module, "IDLE_CLOSE_S", 0.0)
-        assert verify(r"\boxed{2}", "1")
+        assert verify(r"\boxed{2.5}", "1")
         assert len(pool.idle) == pool.alive == verify_module.KEEP_WORKERS
         closed = [w for w in extra if w not in pool.idle]
         assert len(closed) == 2 and all(w.proc.returncode is not None for w in closed)
     finally:
         _settle_and_close(pool)
+
+
+@pytest.mark.parametrize("pred,gold", [("25", "025"), ("7", "8"), ("-3", "3"), ("+4", "4"), ("0", "-0"),
+                                       ("1000000", "1000000"), ("12", "120"), ("-0012", "-12")])
+def test_plain_integers_are_compared_by_value_as_math_verify_does(pred, gold):
+    from drpo.rewards import verify as v
+
+    assert verify(f"so the answer is \\boxed{{{pred}}}", gold) == v._get_pool().check(pred, gold, 5.0) \
+        == (int(pred) == int(gold))

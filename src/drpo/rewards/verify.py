@@ -86,6 +86,9 @@ _TOKEN = re.compile(r"\\(?:[A-Za-z]+|.)|\s+|.", re.DOTALL)  # control word or sy
 _DELIMITERS = {"(", ")", "[", "]", "|", "\\{", "\\}", "\\|", "\\langle", "\\rangle"}
 
 
+_PLAIN_INT = re.compile(r"[+-]?\d{1,300}")  # digits only (no separators, no decimal point)
+
+
 def _normalise(answer: str) -> str:
     """``answer`` less what cannot change its meaning, for the trivial-match fast path.
 
@@ -326,7 +329,8 @@ def verify(response: str, gold: str, *, timeout_s: float = 5.0) -> bool:
 
     No boxed answer, an unclosed one, one longer than ``MAX_ANSWER_CHARS``, or a check that
     takes longer than ``timeout_s`` seconds gives False. An answer equal to ``gold`` after
-    :func:`_normalise` is True without math-verify. Thread-safe; never hangs.
+    :func:`_normalise` is True without math-verify, and two plain integers (``25``, ``-3``, ``025``)
+    are compared by value without it. Thread-safe; never hangs.
     """
     if not isinstance(response, str):
         raise ValueError(f"response must be a str, got {type(response).__name__}")
@@ -339,6 +343,9 @@ def verify(response: str, gold: str, *, timeout_s: float = 5.0) -> bool:
     pred = extract_boxed(response)
     if pred is None or not pred.strip() or len(pred) > MAX_ANSWER_CHARS:
         return False
-    if _normalise(pred) == _normalise(gold):
+    p, g = _normalise(pred), _normalise(gold)
+    if p == g:
         return True
+    if _PLAIN_INT.fullmatch(p) and _PLAIN_INT.fullmatch(g):  # two plain integers: equal iff their values are
+        return int(p) == int(g)
     return _get_pool().check(pred, gold, timeout_s)
