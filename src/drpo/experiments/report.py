@@ -382,13 +382,17 @@ def _verdict_rows(vs: list[Verdict], labels: dict) -> list[list[str]]:
     for v in vs:
         c = v.claim
         pct = c.metric in C.LOG_METRICS
-        side = lambda names: " + ".join(labels.get(n, n) for n in names)  # noqa: E731
+        def side(names):
+            return " + ".join(f"the best of {', '.join(labels.get(m, m) for m in n[5:].split(','))}"
+                              if n.startswith("best:") else labels.get(n, n) for n in names)
+
         claimed = ("alike (margin " + (f"{100 * c.margin:.0f}%" if pct else f"{c.margin:.2f}") + ")"
                    if c.rule == "equivalence" else
                    f"within {c.margin:.2f} (non-inferior)" if c.rule == "noninferior" else
                    "> 0" if c.magnitude is None else (f"{100 * c.magnitude:+.0f}%" if pct else f"{c.magnitude:+.2f}"))
         mde = "-" if not math.isfinite(v.effect.mde) else (f"{100 * v.effect.mde:.1f}%" if pct else f"{v.effect.mde:.3f}")
-        rows.append([f"({c.id})", c.text, f"{side(c.treatment)} vs {side(c.control)}; {c.metric}; {v.scope}"
+        control = side(c.control) + (f" (in {c.control_setting})" if c.control_setting else "")
+        rows.append([f"({c.id})", c.text, f"{side(c.treatment)} vs {control}; {c.metric}; {v.scope}"
                      + (f" ({v.detail})" if v.detail else ""), claimed, v.effect.fmt(pct=pct), mde,
                      f"**{v.verdict}**"])
     return rows
