@@ -280,6 +280,8 @@ def test_collapse_definition_and_report_files(tmp_path):
     for needle in ("## Verdicts", "MDE (80%)", "collapse", "Made by `drpo compare --out X --report-only`",
                    "| mu<0.01 |", "not ended", "steps to target"):
         assert needle in text, needle
+    n_quick = len(g.runs_by_block[g.blocks[0].name])
+    assert f"(3 of {n_quick} runs ended;" in text  # drpo seeds 0 and 1, and the diverged dapo run
     assert (tmp_path / "rep" / "curves_fp8.png").stat().st_size > 1000
     assert (tmp_path / "rep" / "ratio_vs_shift.png").exists()
 

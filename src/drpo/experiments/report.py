@@ -503,8 +503,10 @@ def write_report(out: Path, report_dir: Path, command: str) -> Path:
                    for b in BUCKETS]), "",
            f"![ratio vs shift]({fig.name})", "", f"*|r - 1| against |pi - mu| per mu bucket, from the runs' rollouts. {made_by}*", ""]
 
-    md += ["## Grid", ""] + [f"* `{b['name']}` ({len(b['runs'])} runs; settings {', '.join(b['settings'])}; "
-                             f"methods {', '.join(b['methods'])}): {b['claims']}" for b in manifest["blocks"]]
+    ended = {r.slug for r in done}
+    md += ["## Grid", ""] + [f"* `{b['name']}` ({sum(s in ended for s in b['runs'])} of {len(b['runs'])} runs ended; "
+                             f"settings {', '.join(b['settings'])}; methods {', '.join(b['methods'])}): {b['claims']}"
+                             for b in manifest["blocks"]]
     if pending:
         md += ["", "Runs not ended (left out): " + ", ".join(f"`{p}`" for p in pending)]
     path = report_dir / "README.md"
