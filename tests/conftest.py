@@ -10,20 +10,31 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    from drpo.models.tiny import build_tiny_model, tiny_qwen3_config
+def _save_tiny(tmp_path_factory, name: str, config_fn, edit=None, **sizes) -> str:
+    """Build a tiny model from ``config_fn(vocab, **sizes)`` with the built-in tokenizer, apply
+    ``edit(model, tokenizer)`` if given, save both."""
+    from drpo.models.tiny import build_tiny_model
     from drpo.models.tokenizer import build_tokenizer
 
-    path = tmp_path_factory.mktemp("tiny_qwen3")
+    path = tmp_path_factory.mktemp(name)
     tok = build_tokenizer()
-    cfg = tiny_qwen3_config(len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            num_key_value_heads=1, head_dim=16, intermediate_size=64,
-                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    cfg = config_fn(len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                    **sizes)
     model = build_tiny_model(cfg, seed=0)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model, tok)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from drpo.models.tiny import tiny_qwen3_config
+
+    return _save_tiny(tmp_path_factory, "tiny_qwen3", tiny_qwen3_config, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64)
 
 
 @pytest.fixture(scope="session")
@@ -45,17 +56,11 @@ def sharp_model_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def moe_model_dir(tmp_path_factory):
     """A tiny Qwen3-MoE (8 experts, top-2) built from a config and saved with save_pretrained."""
-    from drpo.models.tiny import build_tiny_model, tiny_qwen3_moe_config
-    from drpo.models.tokenizer import build_tokenizer
+    from drpo.models.tiny import tiny_qwen3_moe_config
 
-    path = tmp_path_factory.mktemp("tiny_qwen3_moe")
-    tok = build_tokenizer()
-    cfg = tiny_qwen3_moe_config(len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                num_key_value_heads=1, head_dim=32, moe_intermediate_size=32,
-                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
-    build_tiny_model(cfg, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return _save_tiny(tmp_path_factory, "tiny_qwen3_moe", tiny_qwen3_moe_config, hidden_size=64,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                      moe_intermediate_size=32)
 
 
 @pytest.fixture(scope="session")
@@ -64,17 +69,11 @@ def vllm_model_dir(tmp_path_factory):
     next-token distributions (initializer_range 0.3: entropy about 5 nats instead of log V = 7.8,
     so temperature and top-k/top-p visibly change the log-probs) and an EOS row scaled by 2.5 in
     the tied embedding (about half the responses of 16 tokens stop at EOS)."""
-    from drpo.models.tiny import build_tiny_model, tiny_qwen3_config
-    from drpo.models.tokenizer import build_tokenizer
+    from drpo.models.tiny import tiny_qwen3_config
 
-    path = tmp_path_factory.mktemp("tiny_qwen3_vllm")
-    tok = build_tokenizer()
-    cfg = tiny_qwen3_config(len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            num_key_value_heads=1, head_dim=32, intermediate_size=128, initializer_range=0.3,
-                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
-    model = build_tiny_model(cfg, seed=0)
-    with torch.no_grad():
+    def eos_boost(model, tok):
         model.get_output_embeddings().weight[tok.eos_token_id] *= 2.5
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+
+    return _save_tiny(tmp_path_factory, "tiny_qwen3_vllm", tiny_qwen3_config, edit=eos_boost, hidden_size=64,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                      intermediate_size=128, initializer_range=0.3)
