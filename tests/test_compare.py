@@ -275,10 +275,11 @@ def test_collapse_definition_and_report_files(tmp_path):
     evals = [v for s, v in by[("drpo", 0)].series("eval/accuracy") if s > 0]
     assert by[("drpo", 0)].final_acc == pytest.approx(sum(evals[-3:]) / 3)
     assert by[("drpo", 0)].steps_to(0.45, 99) == 5 and by[("drpo", 0)].steps_to(0.9, 99) == 99
+    (out / "NOTES.md").write_text("Block x was left out: over budget.\n")
     path = report.write_report(out, tmp_path / "rep", "drpo compare --out X --report-only")
     text = path.read_text()
     for needle in ("## Verdicts", "MDE (80%)", "collapse", "Made by `drpo compare --out X --report-only`",
-                   "| mu<0.01 |", "not ended", "steps to target"):
+                   "| mu<0.01 |", "not ended", "steps to target", "Block x was left out: over budget."):
         assert needle in text, needle
     n_quick = len(g.runs_by_block[g.blocks[0].name])
     assert f"(3 of {n_quick} runs ended;" in text  # drpo seeds 0 and 1, and the diverged dapo run

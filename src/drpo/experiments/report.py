@@ -509,6 +509,9 @@ def write_report(out: Path, report_dir: Path, command: str) -> Path:
                              for b in manifest["blocks"]]
     if pending:
         md += ["", "Runs not ended (left out): " + ", ".join(f"`{p}`" for p in pending)]
+    notes = Path(out) / "NOTES.md"  # what the person who ran the grid has to say (e.g. why runs were left out)
+    if notes.is_file():
+        md += ["", "## Notes on this run of the grid", "", notes.read_text().strip()]
     path = report_dir / "README.md"
     path.write_text("\n".join(md) + "\n")
     return path
