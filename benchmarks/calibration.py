@@ -53,7 +53,7 @@ def measure(overrides: list[str], steps: int, first: int) -> dict[str, float]:
         tr = Trainer(cfg)
         rows = [tr.step(i) for i in range(steps)][first:]
         tr.rollout.close()
-        tr.lock.release()
+        tr.life.lock.release()
     out = {}
     for name, key, how in COLUMNS:
         vals = [r["mismatch/beyond_pos_frac"] + r["mismatch/beyond_neg_frac"] for r in rows] if key is None \

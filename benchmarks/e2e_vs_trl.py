@@ -122,7 +122,7 @@ def run_ours(model: str, workdir: Path, a) -> dict:
             if k.startswith("time/") or k == "reward/mean":
                 logged[k].append(v)
     tr.rollout.close()
-    tr.lock.release()
+    tr.life.lock.release()
     res = summarize(steps, toks, lens)
     res.update(warmup_s=warmup_s, threads=threads, step_times_s=steps,
                reward_mean=statistics.fmean(logged.pop("reward/mean")),
@@ -195,7 +195,7 @@ def run_trl(model: str, workdir: Path, a) -> dict:
     from drpo.tasks.arithmetic import ArithmeticTask
     from drpo.models.loading import load_policy
 
-    tokenizer, net = load_policy(model, progress=False)
+    tokenizer, net = load_policy(model)
     n_rows = (a.steps + 1) * a.prompts * 2
     rows = ArithmeticTask(1).train_examples(n_rows)
     ds = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in rows])
@@ -289,7 +289,7 @@ def check_tokenizer(model: str) -> dict:
     from drpo.tasks.arithmetic import ArithmeticTask
     from drpo.models.loading import load_policy
 
-    tok, _ = load_policy(model, progress=False)
+    tok, _ = load_policy(model)
     prompts = [e.prompt for e in ArithmeticTask(1).train_examples(8)]
     same = all(tok(p)["input_ids"] == tok(p, add_special_tokens=False)["input_ids"] for p in prompts)
     return {"class": type(tok).__name__, "padding_side": tok.padding_side, "pad": tok.pad_token,
@@ -335,7 +335,7 @@ def main() -> None:
     import transformers
     import trl
 
-    model = resolve_model(a.model, progress=False)
+    model = resolve_model(a.model)
     info = {"tokenizer": check_tokenizer(model)}
     print(f"model {model}; P={a.prompts} G={a.group} L={a.max_new_tokens} N={a.steps} threads={a.threads}",
           flush=True)

@@ -34,7 +34,7 @@ def steps_per_second(staleness: int, steps: int, warmup: int = 2) -> dict:
         rows = [tr.step(i) for i in range(warmup, warmup + steps)]
         wall = time.perf_counter() - t0
         tr.rollout.close()
-        tr.lock.release()
+        tr.life.lock.release()
     import torch
 
     return {"staleness": staleness, "steps": steps, "seconds": wall, "steps_per_s": steps / wall,
@@ -48,9 +48,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
-    from drpo.models.loading import resolve_model
-
-    resolve_model("builtin", progress=False)  # the warm start is cached before timing
     res = [steps_per_second(n, a.steps) for n in (0, 1)]
     for r in res:
         print(f"staleness {r['staleness']}: {r['steps_per_s']:.3f} steps/s ({r['steps']} steps in {r['seconds']:.1f} s; "

@@ -38,7 +38,7 @@ if __name__ == "__main__":
     tr.evaluate()
     t_eval = time.time() - t0
     tr.rollout.close()
-    tr.lock.release()
+    tr.life.lock.release()
     shutil.rmtree(out, ignore_errors=True)
     print(name, f"set-up {t_init:.1f}s  step {step:.3f}s  eval {t_eval:.2f}s  ",
           " ".join(f"{k[5:]}={statistics.fmean(m[k] for m in ms):.3f}" for k in KEYS), flush=True)

@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
-    tokenizer, model = load_policy(args.model)  # 'builtin' trains the warm start once (cached)
+    tokenizer, model = load_policy(args.model)
     torch.set_num_threads(args.threads)
     model.eval()
     examples = ArithmeticTask(seed=0).train_examples(args.prompts, rng=random.Random(0))

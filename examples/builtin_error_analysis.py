@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from drpo.models.warmstart import boxed_answer
+from drpo.builtin.warmstart import boxed_answer
 from drpo.tasks.arithmetic import ArithmeticTask
 
 

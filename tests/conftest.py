@@ -14,7 +14,7 @@ def _save_tiny(tmp_path_factory, name: str, config_fn, edit=None, **sizes) -> st
     """Build a tiny model from ``config_fn(vocab, **sizes)`` with the built-in tokenizer, apply
     ``edit(model, tokenizer)`` if given, save both."""
     from drpo.models.tiny import build_tiny_model
-    from drpo.models.tokenizer import build_tokenizer
+    from drpo.builtin.tokenizer import build_tokenizer
 
     path = tmp_path_factory.mktemp(name)
     tok = build_tokenizer()

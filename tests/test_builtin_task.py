@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from drpo.models import warmstart
-from drpo.models.tokenizer import build_tokenizer
+from drpo.builtin import warmstart
+from drpo.builtin.tokenizer import build_tokenizer
 from drpo.tasks.arithmetic import LEVELS, ArithmeticTask, boxed, in_heldout
 
 

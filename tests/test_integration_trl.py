@@ -17,7 +17,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from drpo.integrations.trl import DRPOGRPOTrainer
-from drpo.models.tokenizer import char_tokenizer  # noqa: E402
+from drpo.builtin.tokenizer import char_tokenizer  # noqa: E402
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

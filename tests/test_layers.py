@@ -16,14 +16,15 @@ ALLOWED: dict[str, set[str]] = {
     "ops": {"utils"},
     "tasks": {"utils"},
     "rewards": {"utils", "tasks"},
-    "models": {"utils", "tasks", "rewards"},
+    "models": {"utils"},
+    "builtin": {"utils", "tasks", "rewards", "models"},
     "rollout": {"utils", "tasks", "rewards", "models"},
     "evaluation": {"utils", "tasks", "rewards", "models", "rollout"},
     "training": {"utils", "objectives", "ops", "tasks", "rewards", "models", "rollout", "evaluation"},
     "experiments": {"utils", "objectives", "ops", "tasks", "rewards", "models", "rollout", "evaluation", "training"},
     "integrations": {"utils", "objectives", "ops", "tasks", "rewards", "models", "rollout", "evaluation", "training"},
-    "cli": {"utils", "objectives", "ops", "tasks", "rewards", "models", "rollout", "evaluation", "training",
-            "experiments", "integrations"},
+    "cli": {"utils", "objectives", "ops", "tasks", "rewards", "models", "builtin", "rollout", "evaluation",
+            "training", "experiments", "integrations"},
     "__init__": {"objectives", "rewards"},
 }
 

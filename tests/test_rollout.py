@@ -122,13 +122,19 @@ def test_topk_logprobs_returned(policy):
     assert (b.topk_log_prob[..., 0] >= b.topk_log_prob[..., 1]).all()
 
 
-def test_bad_sampling_params():
-    with pytest.raises(ValueError, match="temperature"):
-        SamplingParams(temperature=0)
-    with pytest.raises(ValueError, match="top_p"):
-        SamplingParams(top_p=1.5)
+def test_bad_sampling_params_are_config_errors_and_the_config_builds_them():
+    """Sampling parameters are validated once, where they come in (the config); the config builds them."""
+    from drpo.training.config import load_config
+    from drpo.utils.config import ConfigError
+
+    for item, key in (("rollout.temperature=0", "rollout.temperature"), ("rollout.top_p=1.5", "rollout.top_p"),
+                      ("rollout.top_k=-1", "rollout.top_k")):
+        with pytest.raises(ConfigError, match=f"config error at '{key}'"):
+            load_config(None, [item])
+    cfg = load_config(None, ["rollout.temperature=0.7", "rollout.top_k=5", "rollout.group_size=4"]).rollout
+    assert cfg.sampling() == SamplingParams(temperature=0.7, top_k=5, n=4, max_new_tokens=cfg.max_new_tokens)
     with pytest.raises(ValueError, match="unknown rollout precision"):
-        HFRolloutEngine(torch.nn.Linear(2, 2), precision="fp4", eos_id=0, pad_id=0)
+        HFRolloutEngine(torch.nn.Linear(2, 2), precision="fp3", eos_id=0, pad_id=0)
 
 
 def test_left_pad():

@@ -49,7 +49,7 @@ def test_a_second_process_exits_at_once_with_a_clear_line(tiny_model_dir, tmp_pa
         res = subprocess.run([sys.executable, "-m", "drpo.cli", "train", *args(tiny_model_dir, out)],
                              capture_output=True, text=True, timeout=120, env=env)
     finally:
-        holder.lock.release()
+        holder.life.lock.release()
     assert res.returncode == 2, res.stderr
     assert "is in use by pid" in res.stderr and "Traceback" not in res.stderr
     assert not (out / "metrics.jsonl").exists()

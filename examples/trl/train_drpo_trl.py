@@ -17,7 +17,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from trl import GRPOConfig
 
 from drpo.integrations.trl import DRPOGRPOTrainer
-from drpo.models.tokenizer import char_tokenizer
+from drpo.builtin.tokenizer import char_tokenizer
 
 
 

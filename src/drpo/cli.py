@@ -1,8 +1,14 @@
-"""The ``drpo`` command line: train, eval, compare, geometry, objectives.
+"""The ``drpo`` command line: train, eval, compare, warmstart, geometry, objectives, doctor.
 
-A mistake in what the user typed or pointed at (a config key, a model folder, a device, an output
-path) is one red line and exit code 2, never a traceback; an interrupted run (Ctrl-C) says where it
-stopped and how to resume, and exits 130.
+Exit codes and what is printed:
+
+    2    a mistake in what the user typed or pointed at (a config key, a model folder, a device, an
+         output path, a dataset), found before training starts: one red line, no traceback
+    1    the run stopped and says why in one line (it diverged, collapsed with train.stop_on_collapse,
+         the rollout worker died, the reward function is broken, the disk is full); or an unexpected
+         error during the run: its traceback is printed and kept in <out>/traceback.txt (a bug)
+    130  Ctrl-C; 143 SIGTERM (after the current step and its checkpoint): both say where the run
+         stopped and how to resume
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ def _fail(msg: str, code: int = 2) -> NoReturn:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'fix your input': shown as one line, exit code 2."""
+    """Exceptions that mean 'fix your input' when raised before training starts: one line, exit code 2."""
     from drpo.models.loading import ModelLoadError
     from drpo.rollout.engine import EngineUnavailable
     from drpo.training.run_io import RunLocked
@@ -34,6 +40,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, ModelLoadError, EngineUnavailable, RunLocked, FileExistsError, FileNotFoundError,
             ValueError)
+
+
+def _stop_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that stop a run for a reason their message says in one line: exit code 1."""
+    from drpo.training.lifecycle import ONE_LINE_STOPS
+
+    return ONE_LINE_STOPS
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
@@ -47,7 +60,8 @@ def train(
 ) -> None:
     """Run RL training (default: DRPO on the built-in arithmetic task with the built-in model)."""
     from drpo.training.config import load_config
-    from drpo.training.trainer import Trainer, TrainingDiverged, default_out
+    from drpo.training.lifecycle import Terminated
+    from drpo.training.trainer import Trainer, default_out
 
     items = list(overrides or [])
     if model is not None:
@@ -70,17 +84,21 @@ def train(
         _fail(f"error: {e}")
     try:
         summary = trainer.train()
-    except KeyboardInterrupt:
-        step = trainer.last_step
-        ckpt = trainer.last_checkpoint
+    except KeyboardInterrupt as e:
+        step, ckpt = trainer.life.last_step, trainer.life.last_checkpoint
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         where = f"after step {step}" if step else "before the first step"
         resume_from = f"the checkpoint of step {ckpt}" if ckpt is not None else "step 0 (no checkpoint yet)"
-        _fail(f"interrupted {where}; resume with: drpo train --out {cfg.out} --resume  (restarts from {resume_from})",
-              code=130)
-    except TrainingDiverged as e:
+        _fail(f"{how} {where}; resume with: drpo train --out {cfg.out} --resume  (restarts from {resume_from})",
+              code=143 if isinstance(e, Terminated) else 130)
+    except _stop_errors() as e:
         _fail(f"training stopped: {e}. Metrics logged so far are in {cfg.out}/metrics.jsonl", code=1)
-    except _user_errors() as e:
-        _fail(f"error: {e}")
+    except Exception as e:  # a bug: keep the traceback for whoever fixes it
+        import traceback
+
+        traceback.print_exc()
+        _fail(f"the run failed at step {trainer.life.last_step + 1} with an unexpected {type(e).__name__} "
+              f"(traceback above and in {cfg.out}/traceback.txt; status: failed)", code=1)
     before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
     typer.echo(f"run directory: {summary['out']}")
     if before is not None and after is not None and before == before and after == after:  # not NaN
@@ -88,6 +106,36 @@ def train(
                    f"({100 * (after - before):+.1f} points)")
     else:
         typer.echo("held-out accuracy: not measured (no held-out set: set task.eval_path, or eval.every=0)")
+    if summary["collapse"].collapsed:
+        typer.secho(f"warning: {summary['collapse'].describe()}", fg=typer.colors.YELLOW)
+
+
+@app.command()
+def warmstart(
+    model: str = typer.Option("builtin", "--model", help="the built-in model to make: builtin or builtin-moe"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder to write (default runs/warmstart-<model>)"),
+    seed: int = typer.Option(0, "--seed", help="the seed of the initialisation and the demonstrations"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop after this many steps at most"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Make a built-in model again: the supervised warm start its shipped weights came from."""
+    from dataclasses import replace
+
+    from drpo.builtin.warmstart import WarmStartHParams, warm_start
+    from drpo.models.loading import BUILTIN_MODELS
+
+    if model not in BUILTIN_MODELS:
+        _fail(f"--model {model!r}: the built-in models are {', '.join(BUILTIN_MODELS)}")
+    out = out or Path(f"runs/warmstart-{model}")
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file; give a folder")
+    hp = WarmStartHParams() if max_steps is None else replace(WarmStartHParams(), max_steps=max_steps)
+    command = f"drpo warmstart --model {model} --seed {seed}" + (f" --max-steps {max_steps}" if max_steps else "")
+    path = warm_start(out, arch="moe" if model == "builtin-moe" else "dense", seed=seed, hparams=hp,
+                      progress=progress, command=command)
+    record = json.loads((path / "warmstart.json").read_text())
+    typer.echo(f"{path}: {record['steps']} steps, held-out sampled accuracy {record['heldout_sampled_accuracy']:.3f} "
+               f"({'in' if record['in_band'] else 'NOT in'} the band), {record['wall_time_s']:.0f} s")
 
 
 @app.command("eval")

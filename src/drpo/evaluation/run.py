@@ -51,7 +51,7 @@ def run_eval(*, model: str, benchmark: str, k: int, limit: Optional[int], temper
     from drpo.rollout.engine import HFRolloutEngine
 
     examples = load_examples(benchmark, question_field=question_field, answer_field=answer_field, limit=limit)
-    tokenizer, net = load_policy(model, progress=progress)
+    tokenizer, net = load_policy(model)
     engine = HFRolloutEngine(net, precision=precision, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     codec = TextCodec(tokenizer, chat_template=chat_template)

@@ -91,8 +91,6 @@ def _write_manifest(out: Path, grid: Grid, entries: dict[str, dict[str, Any]]) -
 
 def run_grid(grid: Grid, out: Path, workers: int = 1) -> dict[str, dict[str, Any]]:
     """Run every unfinished run of ``grid`` under ``out``; returns {slug: manifest entry}."""
-    from drpo.models.loading import resolve_model
-
     out.mkdir(parents=True, exist_ok=True)
     actions = {r.slug: plan(r, out) for r in grid.runs}
     entries: dict[str, dict[str, Any]] = {}
@@ -100,8 +98,6 @@ def run_grid(grid: Grid, out: Path, workers: int = 1) -> dict[str, dict[str, Any
         st = run_io.read_status(out / r.slug)
         entries[r.slug] = {"state": st.get("state", "pending"), **({"reason": st["reason"]} if "reason" in st else {})}
     todo = [r for r in grid.runs if actions[r.slug] != "skip"]
-    for model in {run_config(r, out).model for r in todo}:
-        resolve_model(model)  # the built-in warm start is trained and cached once, here, not per worker
     _write_manifest(out, grid, entries)
 
     bar = tqdm(total=len(grid.runs), initial=len(grid.runs) - len(todo), desc=f"grid {grid.name}",

@@ -1,11 +1,11 @@
-"""drpo.models: the built-in tokenizer, the tiny Qwen3 (dense and MoE) models and their cached warm
-starts, loading any causal LM, and the text codec."""
-from drpo.models.loading import ModelLoadError, load_policy, resolve_model
-from drpo.models.text import TextCodec
+"""drpo.models: the tiny Qwen3 (dense and MoE) architectures, loading any causal LM (the built-in
+warm-started ones ship as weights), the text codec, and MoE routing (record, compare, replay).
+This is the base layer: it imports nothing of drpo but utils."""
+from drpo.models.loading import BUILTIN_MODELS, ModelLoadError, builtin_dir, load_policy, load_state, max_positions, resolve_model
+from drpo.models.moe import RoutingStats, given_routing, is_moe
+from drpo.models.text import PromptTooLong, TextCodec
 from drpo.models.tiny import build_tiny_model, tiny_config, tiny_qwen3_config, tiny_qwen3_moe_config
-from drpo.models.tokenizer import build_tokenizer
-from drpo.models.warmstart import WarmStartHParams, default_cache_dir, warm_start
 
-__all__ = ["build_tokenizer", "tiny_qwen3_config", "tiny_qwen3_moe_config", "tiny_config", "build_tiny_model",
-           "warm_start", "WarmStartHParams", "default_cache_dir", "load_policy", "resolve_model",
-           "ModelLoadError", "TextCodec"]
+__all__ = ["BUILTIN_MODELS", "ModelLoadError", "builtin_dir", "load_policy", "load_state", "max_positions",
+           "resolve_model", "RoutingStats", "given_routing", "is_moe", "PromptTooLong", "TextCodec",
+           "build_tiny_model", "tiny_config", "tiny_qwen3_config", "tiny_qwen3_moe_config"]

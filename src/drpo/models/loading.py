@@ -1,9 +1,9 @@
-"""Loading the policy: a built-in warm-started tiny model, a local folder, or a hub id.
+"""Loading the policy: a built-in tiny model, a local folder, or a hub id.
 
-``builtin`` (dense Qwen3) and ``builtin-moe`` (Qwen3-MoE) resolve to their cached warm starts
-(:func:`drpo.models.warmstart.warm_start`), folders written with ``save_pretrained``; from there the
-code path is the one a hub id or any local checkpoint takes: ``AutoTokenizer`` /
-``AutoModelForCausalLM.from_pretrained``.
+``builtin`` (dense Qwen3) and ``builtin-moe`` (Qwen3-MoE) are warm-started models shipped with the
+package (``drpo/data/models/<name>``, written with ``save_pretrained``; ``warmstart.json`` in each says
+how it was made and ``drpo warmstart`` makes it again); from there the code path is the one a hub id or
+any local checkpoint takes: ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained``.
 
 Mistakes get one clear line (:class:`ModelLoadError`): a folder that does not exist, a folder that
 is not a ``save_pretrained`` folder, a hub id when the hub cannot be reached (said at once, instead
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import socket
+from importlib import resources
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-BUILTIN_MODELS = {"builtin": "dense", "builtin-moe": "moe"}
-WARM_START_SEED = 0  # one shared starting point; run seeds vary the RL, not the warm start
+BUILTIN_MODELS = ("builtin", "builtin-moe")
 HUB_HOST = ("huggingface.co", 443)
 
 
@@ -27,12 +27,19 @@ class ModelLoadError(ValueError):
     """The model named in the config cannot be loaded; the message says why and what to do."""
 
 
-def resolve_model(model: str, progress: bool = True) -> str:
-    """The folder of ``model``: the cached warm start of a built-in model, else ``model`` itself."""
-    if model in BUILTIN_MODELS:
-        from drpo.models.warmstart import warm_start
+def builtin_dir(name: str) -> Path:
+    """Where the shipped built-in model ``name`` lives (package data)."""
+    return Path(str(resources.files("drpo") / "data" / "models" / name))
 
-        return str(warm_start(seed=WARM_START_SEED, progress=progress, arch=BUILTIN_MODELS[model]))
+
+def resolve_model(model: str) -> str:
+    """The folder of ``model``: a built-in model's shipped folder, else ``model`` itself."""
+    if model in BUILTIN_MODELS:
+        path = builtin_dir(model)
+        if not (path / "model.safetensors").is_file():
+            raise ModelLoadError(f"the built-in model {model!r} is missing from this installation ({path}); "
+                                 f"make it again with: drpo warmstart --model {model} --out {path}")
+        return str(path)
     return model
 
 
@@ -79,10 +86,10 @@ def check_model_source(model: str) -> None:
             "hub cannot be reached (offline); download it elsewhere and pass its folder with --model PATH")
 
 
-def load_policy(model: str, *, progress: bool = True):
+def load_policy(model: str):
     """(tokenizer, float32 causal LM) for ``model`` = a built-in name, a folder, or a hub id."""
     check_model_source(model)
-    path = resolve_model(model, progress)
+    path = resolve_model(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -97,6 +104,17 @@ def load_policy(model: str, *, progress: bool = True):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, net
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load ``state`` into ``model``, every key accounted for (tied weights may be absent); a mismatch
+    is an error naming ``where`` the state came from."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    keys = getattr(model, "_tied_weights_keys", None) or []
+    tied = set(keys if not isinstance(keys, dict) else list(keys))
+    real_missing = [k for k in missing if k not in tied]
+    if real_missing or unexpected:
+        raise ModelLoadError(f"{where} does not match the model: missing {real_missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def max_positions(model) -> int | None:

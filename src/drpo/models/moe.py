@@ -143,6 +143,10 @@ class RoutingStats:
         self.decisions = 0
         self.flips = 0
 
+    def add(self, other: "RoutingStats") -> None:
+        self.decisions += other.decisions
+        self.flips += other.flips
+
     @property
     def flip_frac(self) -> float:
         return self.flips / self.decisions if self.decisions else 0.0

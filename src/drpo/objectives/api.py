@@ -18,7 +18,7 @@ import torch
 
 from drpo.objectives.aggregation import aggregate
 from drpo.objectives.metrics import trust_region_metrics
-from drpo.objectives.registry import LOG_RATIO_CLAMP, Objective, TokenInputs, get_objective
+from drpo.objectives.registry import LOG_RATIO_CLAMP, BoundObjective, Objective, TokenInputs, get_objective
 from drpo.objectives.rollout_correction import RolloutCorrection, correction_weights
 
 # Log-probs computed in low precision can round to slightly above 0; beyond this it is a bug upstream.
@@ -122,7 +122,7 @@ def per_token_grad(obj: Objective, x: TokenInputs, params: dict[str, Any],
 
 
 def policy_loss(
-    name: str,
+    objective: str | BoundObjective,
     log_prob: torch.Tensor,
     behavior_log_prob: torch.Tensor,
     advantages: torch.Tensor,
@@ -143,10 +143,12 @@ def policy_loss(
     report_boundary: float = DEFAULT_REPORT_BOUNDARY,
     **params: Any,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Scalar loss (to minimise) of objective ``name`` and a dict of float metrics.
+    """Scalar loss (to minimise) of ``objective`` and a dict of float metrics.
 
     Args:
-        name: a registered objective or preset (:func:`drpo.list_objectives`).
+        objective: a registered objective or preset (:func:`drpo.list_objectives`), whose
+            ``**params`` are resolved and checked on this call; or one bound once with its parameters
+            (``get_objective("drpo").bind(delta=12.5)``), as a trainer does, and then no ``**params``.
         log_prob: (B, T) log pi of the sampled tokens, differentiable; any float dtype.
         behavior_log_prob: (B, T) log mu of the same tokens: the trust region's anchor (the rollout
             engine's log-probs, or a recomputed old policy's when using rollout correction).
@@ -167,8 +169,15 @@ def policy_loss(
             objectives, so runs compare).
         **params: the objective's parameters (``delta``, ``clip_low``, ...). Unknown names are an error.
     """
-    obj = get_objective(name)
-    p = obj.resolve_params(params)
+    if isinstance(objective, BoundObjective):
+        if params:
+            raise ValueError(f"policy_loss: objective {objective.name!r} is already bound to its parameters; "
+                             f"got more: {sorted(params)}")
+        bound = objective
+    else:
+        obj = get_objective(objective)
+        bound = BoundObjective(obj, obj.resolve_params(params))
+    obj, p = bound.objective, bound.params
     if (rollout_correction is None) != (rollout_log_prob is None):
         raise ValueError("rollout_correction and rollout_log_prob must be given together")
     x = build_inputs(

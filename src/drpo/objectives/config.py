@@ -7,7 +7,7 @@ from pydantic import Field, model_validator
 
 from drpo.objectives.adaptive import AdaptiveDeltaConfig
 from drpo.objectives.aggregation import AGG_MODES
-from drpo.objectives.registry import get_objective
+from drpo.objectives.registry import BoundObjective, get_objective
 from drpo.utils.config import StrictConfig
 
 AUTO = "auto"
@@ -27,6 +27,14 @@ class ObjectiveConfig(StrictConfig):
     @property
     def adaptive_delta(self) -> bool:
         return self.params.get("delta") == AUTO
+
+    def bind(self) -> BoundObjective:
+        """The objective with these parameters resolved and validated, once (``delta: auto`` starts at
+        ``adaptive.init``; the trainer rebinds it with each step's delta)."""
+        params = dict(self.params)
+        if self.adaptive_delta:
+            params["delta"] = self.adaptive.init
+        return get_objective(self.name).bind(**params)
 
     @model_validator(mode="after")
     def _known(self) -> "ObjectiveConfig":

@@ -94,6 +94,10 @@ class Objective:
     @property
     def param_defaults(self) -> dict[str, Any]:
         """Keyword parameters and their defaults (preset values override the function's)."""
+        return dict(self._defaults)
+
+    @cached_property
+    def _defaults(self) -> dict[str, Any]:
         sig = inspect.signature(self.fn)
         out = {
             p.name: p.default
@@ -136,6 +140,33 @@ class Objective:
         p = self.resolve_params(params)
         self.fn(dummy_inputs(), **p)
         return p
+
+    def bind(self, **params: Any) -> "BoundObjective":
+        """This objective with ``params`` resolved over its defaults and validated once (names,
+        types, values): what a trainer builds at set-up and passes to every ``policy_loss`` call."""
+        return BoundObjective(self, self.validate(params))
+
+
+@dataclass(frozen=True)
+class BoundObjective:
+    """An objective with every parameter fixed: ``bound(x)`` = ``objective.fn(x, **params)``.
+
+    ``params`` holds all of them (defaults included), so ``bound.params.get("delta")`` is the delta
+    the objective trains with. :meth:`with_params` returns a copy with some changed (validated
+    again), e.g. the adaptive delta's value for the next step."""
+
+    objective: Objective
+    params: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.objective.name
+
+    def __call__(self, x: TokenInputs) -> ObjectiveOutput:
+        return self.objective.fn(x, **self.params)
+
+    def with_params(self, **changed: Any) -> "BoundObjective":
+        return self.objective.bind(**{**self.params, **changed})
 
 
 def dummy_inputs() -> TokenInputs:

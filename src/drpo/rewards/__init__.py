@@ -4,7 +4,8 @@ The answer checker lives in :mod:`drpo.rewards.verify` (``from drpo.rewards.veri
 verify``); it is not re-exported here so that ``drpo.rewards.verify`` stays the module.
 """
 from drpo.rewards.base import (
-    REWARDS, RewardFn, RewardStats, get_reward, math_reward, register_reward, score_batch,
+    REWARDS, RewardError, RewardFn, RewardStats, get_reward, math_reward, register_reward, score_batch,
 )
 
-__all__ = ["REWARDS", "RewardFn", "RewardStats", "get_reward", "math_reward", "register_reward", "score_batch"]
+__all__ = ["REWARDS", "RewardError", "RewardFn", "RewardStats", "get_reward", "math_reward", "register_reward",
+           "score_batch"]

@@ -17,6 +17,10 @@ from drpo.tasks.base import Example
 
 RewardFn = Callable[[Example, str], float]
 
+
+class RewardError(RuntimeError):
+    """The reward function is broken (not a single bad answer): the run cannot go on."""
+
 logger = logging.getLogger(__name__)
 LOGGED_ERRORS = 3  # errors logged in full per batch; the rest are only counted
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -55,5 +54,3 @@ class Collector:
         return Collected(batch, torch.tensor(rewards, dtype=torch.float32), stats.n_errors, step, version,
                          {"time/rollout": t1 - t0, "time/reward": t2 - t1})
 
-
-GenerateTexts = Callable[[list[str], int], list[list[str]]]

@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from drpo.rollout.engine import SamplingParams
 from drpo.utils.config import StrictConfig
 
 
@@ -28,3 +29,8 @@ class RolloutConfig(StrictConfig):
     staleness: int = Field(0, ge=0)
     # vLLM only: the fraction of memory its KV cache reserves (on CPU: of RAM; 0.92 fails on a 24 GiB machine)
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
+
+    def sampling(self) -> SamplingParams:
+        """The engine's sampling parameters for training batches: this config's, in one place."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens, n=self.group_size, logprobs_topk=self.logprobs_topk)

@@ -29,20 +29,15 @@ class EngineUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How an engine samples. Built from validated input (``RolloutConfig.sampling()``, the eval
+    config, ``drpo eval``'s options), so it does not check its values again."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 16
     n: int = 1  # samples per prompt
     logprobs_topk: int = 0  # also return the engine's top-K log-probs and ids (DPPO Top-K)
-
-    def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or self.max_new_tokens < 1 or self.n < 1 or self.logprobs_topk < 0:
-            raise ValueError(f"top_k, logprobs_topk must be >= 0 and max_new_tokens, n >= 1: {self}")
 
 
 @dataclass

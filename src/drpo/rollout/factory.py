@@ -17,6 +17,12 @@ def require_vllm() -> None:
         raise EngineUnavailable(MISSING_VLLM)
 
 
+def require_engine(engine: str) -> None:
+    """Fail in one line when the engine ``rollout.engine`` names cannot run here."""
+    if engine == "vllm":
+        require_vllm()
+
+
 def make_engine(cfg: RolloutConfig, model: nn.Module, *, eos_id: int, pad_id: int, seed: int = 0):
     if cfg.engine == "vllm":
         from drpo.rollout.vllm_engine import VLLMEngine

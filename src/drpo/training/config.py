@@ -38,7 +38,8 @@ class TrainConfig(StrictConfig):
     micro_batch_size: int = Field(128, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"
     anchor: Literal["rollout", "old_policy"] = "rollout"
-    rollout_correction: Optional[dict[str, Any]] = None
+    # with anchor=old_policy: correct for mu != pi_old (drpo.RolloutCorrection: level, mode, upper, lower)
+    rollout_correction: Optional[RolloutCorrection] = None
     advantage: str = "grpo"  # a registered estimator (drpo.training.advantages.ADVANTAGES)
     std_normalize: bool = False
     filter_zero_adv_groups: bool = False
@@ -48,6 +49,8 @@ class TrainConfig(StrictConfig):
     chunk_size: int = Field(1024, ge=1)
     # MoE models: the trainer's forward uses the experts the rollout engine chose (routing replay)
     routing_replay: bool = False
+    # stop a run that collapsed beyond recovery (drpo.training.collapse), status 'collapsed'
+    stop_on_collapse: bool = False
 
     @field_validator("advantage")
     @classmethod
@@ -55,13 +58,6 @@ class TrainConfig(StrictConfig):
         from drpo.training.advantages import get_advantage
 
         get_advantage(v)
-        return v
-
-    @field_validator("rollout_correction")
-    @classmethod
-    def _valid_correction(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-        if v:
-            RolloutCorrection(**v)
         return v
 
 
@@ -112,7 +108,7 @@ class RunConfig(StrictConfig):
                 f"rollout.group_size: group advantages ({self.train.advantage}) need at least 2 samples "
                 f"per prompt, got {self.rollout.group_size}"
             )
-        if self.train.anchor == "rollout" and self.train.rollout_correction:
+        if self.train.anchor == "rollout" and self.train.rollout_correction is not None:
             raise ValueError("train.rollout_correction: needs train.anchor='old_policy' "
                              "(anchored on the rollout mu there is nothing to correct)")
         if self.train.routing_replay and self.rollout.engine != "hf":

@@ -7,8 +7,10 @@ for several micro-batches equals the value for the batch they make up.
 """
 from __future__ import annotations
 
+import contextlib
+import time
 from collections import defaultdict
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 from drpo.objectives.metrics import DEFAULT_REDUCTION, REDUCTIONS
 
@@ -58,3 +60,18 @@ class MetricAccumulator:
                 out[prefix + k] = v
         out.update({prefix + k: v for k, v in self._ext.items()})
         return out
+
+
+class Clock:
+    """Wall-clock seconds per phase of a step: ``with clock("time/backward"): ...`` adds to ``seconds``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0

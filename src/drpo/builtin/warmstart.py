@@ -1,31 +1,29 @@
-"""Supervised warm start of the tiny built-in model, cached on disk.
+"""Supervised warm start of the tiny built-in models: how the shipped weights were made.
 
-RL needs a policy that already succeeds sometimes. ``warm_start`` trains the tiny Qwen3
-model (AdamW, loss on response tokens) to imitate the arithmetic task's reference responses
-and stops as soon as its held-out *sampled* (temperature 1) exact-match accuracy reaches
-``stop_at`` inside ``target_band``. The demonstrations are imperfect on purpose: each boxed
-number is the result with probability ``hparams.demo_accuracy`` and otherwise one of the
-problem's operands (the demonstrator takes a shortcut). The imitating model therefore holds
-two behaviours, computing and copying, and samples between them, as a base LLM samples
-between a right and a shallow strategy; a verifier reward can teach it to prefer computing.
-That preference is the headroom RL recovers in the default run: it selects and sharpens a
-behaviour the model has, it does not teach new arithmetic.
+RL needs a policy that already succeeds sometimes. :func:`warm_start` trains a tiny Qwen3 (or
+Qwen3-MoE) from a seeded random initialisation (AdamW, loss on response tokens) to imitate the
+arithmetic task's reference responses and stops as soon as its held-out *sampled* (temperature 1)
+exact-match accuracy reaches ``stop_at`` inside ``target_band``. The demonstrations are imperfect
+on purpose: each boxed number is the result with probability ``hparams.demo_accuracy`` and
+otherwise one of the problem's operands (the demonstrator takes a shortcut). The imitating model
+therefore holds two behaviours, computing and copying, and samples between them, as a base LLM
+samples between a right and a shallow strategy; a verifier reward can teach it to prefer computing.
+That preference is the headroom RL recovers in the default run: it selects and sharpens a behaviour
+the model has, it does not teach new arithmetic.
 
-The result (model + tokenizer via ``save_pretrained``, plus ``warmstart.json``) is cached under
-``cache_dir/warmstart-<key>``, where the key hashes everything that determines it: model
-config, vocabulary, task settings, seed, hyperparameters and :data:`CODE_VERSION`. A run is
-written to a temporary folder and renamed into place, so an interrupted run leaves no half cache.
+The result (model + tokenizer via ``save_pretrained``, plus ``warmstart.json`` with the command,
+seed, steps and held-out accuracies) is what ships as ``model=builtin`` / ``model=builtin-moe``
+(``src/drpo/data/models/``); ``drpo warmstart --model NAME --out DIR`` makes it again. The folder
+is written to a temporary name and renamed into place, so an interrupted run leaves nothing.
 
 Determinism: given the seed the run is reproducible on one machine with one torch thread count;
-CPU reductions are ordered differently with other thread counts, so results (and the stopping
-step) can differ slightly between machines.
+CPU reductions are ordered differently with other thread counts and CPU types, so results (and the
+stopping step) can differ slightly between machines -- which is why the weights ship.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -34,22 +32,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
+from drpo.builtin.tokenizer import build_tokenizer
 from drpo.models.tiny import build_tiny_model, tiny_config
-from drpo.models.tokenizer import build_tokenizer
 from drpo.rewards.verify import extract_boxed
 from drpo.tasks.arithmetic import DEFAULT_DIFFICULTY, ArithmeticTask
 from drpo.tasks.base import Example
 from drpo.utils.constants import MU_TAIL
 
-CODE_VERSION = "warmstart-v3"
-
 
 @dataclass(frozen=True)
 class WarmStartHParams:
-    """Training and evaluation settings (all part of the cache key)."""
+    """Training and evaluation settings (recorded in ``warmstart.json``)."""
 
     difficulty: int = DEFAULT_DIFFICULTY
     batch_size: int = 64
@@ -62,11 +59,6 @@ class WarmStartHParams:
     n_final_eval: int = 512
     max_new_tokens: int = 16
     demo_accuracy: float = 0.35
-
-
-def default_cache_dir() -> Path:
-    """``$DRPO_CACHE_DIR`` or ``~/.cache/drpo``."""
-    return Path(os.environ.get("DRPO_CACHE_DIR", Path.home() / ".cache" / "drpo"))
 
 
 def boxed_answer(text: str) -> str | None:
@@ -126,24 +118,11 @@ def heldout_accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerFast,
     return hits / len(examples), tail / max(n_tokens, 1)
 
 
-def cache_key(config_dict: dict, vocab: dict, task_settings: dict, seed: int,
-              hparams: WarmStartHParams, band: tuple[float, float], stop_at: float) -> str:
-    """A short deterministic hash of everything that determines the warm-started model."""
-    # the transformers version is not part of it: .venv (transformers 5.10) and .venv-vllm (5.19)
-    # share one warm start, so that runs with either engine start from the same weights
-    config_dict = {k: v for k, v in config_dict.items() if k != "transformers_version"}
-    blob = json.dumps({"config": config_dict, "vocab": sorted(vocab.items()), "task": task_settings,
-                       "seed": seed, "hparams": asdict(hparams), "band": list(band),
-                       "stop_at": stop_at, "code": CODE_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def warm_start(*, cache_dir: Path | None = None, target_band: tuple[float, float] = (0.15, 0.40),
-               stop_at: float = 0.20, seed: int = 0, progress: bool = True,
-               hparams: WarmStartHParams = WarmStartHParams(), model_overrides: dict | None = None,
-               arch: str = "dense") -> Path:
-    """Train (or fetch from cache) the warm-started tiny model (``arch`` 'dense' Qwen3 or 'moe'
-    Qwen3-MoE); returns its folder.
+def warm_start(out: Path, *, target_band: tuple[float, float] = (0.15, 0.40), stop_at: float = 0.20,
+               seed: int = 0, progress: bool = True, hparams: WarmStartHParams = WarmStartHParams(),
+               model_overrides: dict | None = None, arch: str = "dense", command: str = "") -> Path:
+    """Train the warm-started tiny model (``arch`` 'dense' Qwen3 or 'moe' Qwen3-MoE) into the folder
+    ``out`` (replaced if it exists); returns it. ``command`` is recorded in ``warmstart.json``.
 
     The MoE model trains with its router load-balancing loss (``router_aux_loss_coef``), as MoE
     models are pre-trained, so that its experts are used.
@@ -158,13 +137,6 @@ def warm_start(*, cache_dir: Path | None = None, target_band: tuple[float, float
     config = tiny_config(arch, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                          bos_token_id=None, **(model_overrides or {}))
     task = ArithmeticTask(difficulty=hparams.difficulty, seed=seed)
-    key = cache_key(config.to_dict(), tok.get_vocab(), task.settings, seed, hparams, target_band,
-                    stop_at)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = root / f"warmstart-{key}"
-    if (final / "warmstart.json").exists():
-        return final
-
     start = time.time()
     random.seed(seed)
     model = build_tiny_model(config, seed)
@@ -208,22 +180,35 @@ def warm_start(*, cache_dir: Path | None = None, target_band: tuple[float, float
     model.generation_config = GenerationConfig(
         do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=hparams.max_new_tokens,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    record = {"key": key, "steps": step, "in_band": kept is not None,
+    record = {"command": command, "arch": arch, "seed": seed, "steps": step, "in_band": kept is not None,
               "heldout_sampled_accuracy": sampled, "heldout_greedy_accuracy": greedy,
               "n_heldout": len(final_set), "frac_sampled_tokens_mu_below_0.01": tail,
               "wall_time_s": round(time.time() - start, 1), "torch_threads": torch.get_num_threads(),
+              "torch": torch.__version__, "transformers": transformers.__version__, "cpu": _cpu_name(),
               "task": task.settings, "hparams": asdict(hparams), "history": history}
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".warmstart-{key}-", dir=root))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "warmstart.json").write_text(json.dumps(record, indent=2))
-        tmp.rename(final)
-    except OSError:
-        if not (final / "warmstart.json").exists():  # lost a race to a concurrent run: fine
-            raise
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return out
+
+
+def _cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo on Linux), for the provenance record."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

@@ -1,0 +1,189 @@
+"""The life of a run directory around the training loop: lock, resume, status, checkpoints, summary.
+
+    open     take the lock (a second process on the same --out exits at once), refuse to overwrite a
+             run, find the newest readable checkpoint when resuming, and check that the configuration
+             did not change (drpo.training.run_io)
+    running  ``with life.running(step):`` status ``running``; on the way out the status says how the
+             run ended, the metrics log is closed and the lock released:
+
+                 finished     every step ran
+                 interrupted  Ctrl-C, or SIGTERM from a scheduler (then after the current step and a
+                              checkpoint of it: see :class:`Terminated`)
+                 collapsed    stopped by train.stop_on_collapse (drpo.training.collapse)
+                 failed       the run cannot go on: ``cause`` = diverged (NaN/inf), rollout_worker
+                              (the worker died), reward (the reward function is broken), or
+                              exception (a bug: its traceback is in <out>/traceback.txt)
+                 error        the machine failed it: the disk is full
+
+    save     a checkpoint (model, optimizer, RNG, extra state, the versions a stale rollout needs)
+    summary  held-out accuracy before and after, and the collapse verdict, from metrics.jsonl
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from drpo.rewards import RewardError
+from drpo.rollout import RolloutWorkerError
+from drpo.training import run_io
+from drpo.training.collapse import detect_collapse
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler ending the job): handled like Ctrl-C, after the current step's checkpoint."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/inf: the run stops after saving what was logged."""
+
+
+class RunCollapsed(RuntimeError):
+    """train.stop_on_collapse: the run collapsed beyond recovery and was stopped early."""
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on for a reason its message says in one line (``cause`` names the kind)."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+# failures of a run's parts that stop it with status 'failed' and the cause named here
+CAUSES: dict[type, str] = {RolloutWorkerError: "rollout_worker", RewardError: "reward"}
+# what a run raises that says, in one line, why it stopped (the CLI prints it and exits 1)
+ONE_LINE_STOPS = (TrainingDiverged, RunCollapsed, RunFailed, run_io.DiskFull, *CAUSES)
+
+
+class RunLifecycle:
+    def __init__(self, out: Path, *, resume: bool, notify: Callable[[str], None] = print) -> None:
+        self.out, self.notify = Path(out), notify
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = run_io.RunLock(self.out)
+        self.checkpoint: Optional[tuple[Path, dict[str, Any]]] = None  # (folder, contents) to resume from
+        self.last_checkpoint: Optional[int] = None
+        self.last_step = 0
+        self._log: Optional[run_io.MetricsLog] = None
+        self._term_requested = False
+        try:
+            self._open(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, resume: bool) -> None:
+        if self.lock.previous_owner is not None:
+            self.notify(f"note: took over the lock of {self.out} left by process {self.lock.previous_owner}, "
+                        "which is no longer running")
+        if (self.out / "metrics.jsonl").exists() and not resume:
+            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        if not resume:
+            return
+        self.checkpoint = run_io.latest_valid_checkpoint(self.out, warn=self.notify)
+        if self.checkpoint is None:
+            moved = run_io.set_aside_metrics_after(self.out, -1)
+            self.notify(f"note: {self.out} has no usable checkpoint; starting the run over from step 0"
+                        + (f" ({moved} logged rows moved to metrics.replaced.jsonl)" if moved else ""))
+
+    def check_config(self, wanted: dict[str, Any]) -> None:
+        """Refuse to resume with a configuration that differs from the checkpoint's (run_io's rule)."""
+        if self.checkpoint is not None:
+            state = self.checkpoint[1]["state"]
+            run_io.check_resume_config(state["config"], wanted, int(state["step"]))
+
+    def resumed(self, step: int) -> None:
+        """The trainer restored the checkpoint of ``step``: rows logged after it are set aside."""
+        ckpt = self.checkpoint[0] if self.checkpoint else None
+        if ckpt is not None and ckpt != run_io.latest_checkpoint(self.out):
+            self.notify(f"note: resuming from {ckpt.name}, the newest checkpoint that can be read")
+        self.last_step = self.last_checkpoint = step
+        run_io.set_aside_metrics_after(self.out, step)
+        self.checkpoint = None  # restored: the trainer holds it now
+
+    # ------------------------------------------------------------------ while running
+    @contextlib.contextmanager
+    def running(self, start_step: int, tensorboard: bool) -> Iterator["RunLifecycle"]:
+        """Status ``running`` for the block; the status on the way out says how it ended (module docstring)."""
+        self._log = run_io.MetricsLog(self.out, tensorboard=tensorboard)
+        run_io.write_status(self.out, "running", step=start_step)
+        installed, previous = self._handle_sigterm()
+        try:
+            yield self
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+            run_io.write_status(self.out, "interrupted", step=self.last_step, checkpoint=self.last_checkpoint,
+                                signal="SIGTERM" if isinstance(e, Terminated) else "SIGINT")
+            raise
+        except TrainingDiverged as e:
+            self._fail("failed", e, cause="diverged")
+            raise
+        except RunCollapsed as e:
+            self._fail("collapsed", e)
+            raise
+        except RunFailed as e:
+            self._fail("failed", e, cause=e.cause)
+            raise
+        except tuple(CAUSES) as e:
+            self._fail("failed", e, cause=next(c for t, c in CAUSES.items() if isinstance(e, t)))
+            raise
+        except run_io.DiskFull as e:
+            self._fail("error", e, cause="disk_full")
+            raise
+        except BaseException as e:
+            (self.out / "traceback.txt").write_text(traceback.format_exc())
+            self._fail("failed", e, cause="exception", reason=f"{type(e).__name__}: {e}")
+            raise
+        else:
+            run_io.write_status(self.out, "finished", step=self.last_step)
+        finally:
+            if installed:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            self._log.close()
+            self._log = None
+            self.lock.release()
+
+    def _fail(self, state: str, e: BaseException, *, reason: Optional[str] = None, **info: Any) -> None:
+        run_io.write_status(self.out, state, step=self.last_step, reason=reason or str(e), **info)
+
+    def _handle_sigterm(self):
+        """SIGTERM asks the loop to stop after the current step (see :meth:`stop_requested`); a second
+        one stops at once. Only the main thread can install a handler (else nothing changes)."""
+        if threading.current_thread() is not threading.main_thread():
+            return False, None
+
+        def on_term(signum, frame) -> None:
+            if self._term_requested:
+                raise Terminated()
+            self._term_requested = True
+
+        return True, signal.signal(signal.SIGTERM, on_term)
+
+    def stop_requested(self) -> bool:
+        """A SIGTERM arrived: the caller checkpoints the step it finished and raises :class:`Terminated`."""
+        return self._term_requested
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        assert self._log is not None, "log() outside running()"
+        self._log.write(step, metrics)
+        self.last_step = step
+        run_io.write_status(self.out, "running", step=step)
+
+    def save(self, step: int, model, tokenizer, optimizer, scheduler, extra: dict[str, Any],
+             rollout_versions: dict) -> Path:
+        path = run_io.save_checkpoint(self.out, step, model, tokenizer, optimizer, scheduler, extra,
+                                      rollout_versions=rollout_versions)
+        self.last_checkpoint = step
+        return path
+
+    def summary(self) -> dict[str, Any]:
+        """The finished run: its folder, held-out accuracy at the first and last evaluation, and the
+        collapse verdict (drpo.training.collapse)."""
+        rows = run_io.read_metrics(self.out / "metrics.jsonl")
+        accs = [float(r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+        out: dict[str, Any] = {"out": str(self.out), "collapse": detect_collapse(rows)}
+        if accs:
+            out.update(accuracy_before=accs[0], accuracy_after=accs[-1])
+        return out
