@@ -128,7 +128,7 @@ def test_bad_sampling_params():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=1.5)
     with pytest.raises(ValueError, match="unknown rollout precision"):
-        HFRolloutEngine(torch.nn.Linear(2, 2), precision="fp4", eos_id=0, pad_id=0)
+        HFRolloutEngine(torch.nn.Linear(2, 2), precision="nf4", eos_id=0, pad_id=0)
 
 
 def test_left_pad():
