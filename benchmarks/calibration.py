@@ -1,6 +1,10 @@
 """Rollout/trainer mismatch, side by side, per engine x precision x model x staleness.
 
     .venv-vllm/bin/python benchmarks/calibration.py --out benchmarks/results/calibration.json
+    .venv-vllm/bin/python benchmarks/calibration.py --rows fp4 --rows int4 --out benchmarks/results/calibration.json
+
+``--rows S`` (repeatable) runs only the rows whose label contains S, and merges them into an existing
+``--out`` file (the other rows kept; refused if that file was measured over other steps).
 
 Each row is a short run of the embedded default (`drpo train`: built-in task, 16 prompts x 8 samples,
 K = 4, DRPO delta 12.5, lr 1e-4) with the row's overrides, held-out evaluation and checkpoints off.
@@ -18,6 +22,7 @@ are reported as skipped. Published figures for comparison are printed below the 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import json
 import tempfile
@@ -27,10 +32,16 @@ ROWS: list[tuple[str, list[str]]] = [
     ("HF fp32, dense (control: no mismatch)", ["rollout.precision=fp32"]),
     ("HF bf16, dense", ["rollout.precision=bf16"]),
     ("HF fp8, dense (the default)", ["rollout.precision=fp8"]),
+    ("HF fp4 (NVFP4), dense", ["rollout.precision=fp4"]),
+    ("HF int4 (weight-only), dense", ["rollout.precision=int4"]),
     ("vLLM bf16, dense", ["rollout.engine=vllm", "rollout.precision=bf16"]),
     ("vLLM fp8 weights, dense", ["rollout.engine=vllm", "rollout.precision=fp8"]),
+    ("vLLM fp4 (NVFP4) weights, dense", ["rollout.engine=vllm", "rollout.precision=fp4"]),
+    ("vLLM int4 weights, dense", ["rollout.engine=vllm", "rollout.precision=int4"]),
     ("HF bf16, MoE", ["model=builtin-moe", "rollout.precision=bf16"]),
     ("HF fp8, MoE", ["model=builtin-moe", "rollout.precision=fp8"]),
+    ("HF fp4 (NVFP4), MoE", ["model=builtin-moe", "rollout.precision=fp4"]),
+    ("HF int4 (weight-only), MoE", ["model=builtin-moe", "rollout.precision=int4"]),
     ("HF fp8, MoE, routing replay", ["model=builtin-moe", "rollout.precision=fp8", "train.routing_replay=true"]),
     ("HF fp8, dense, staleness 1", ["rollout.precision=fp8", "rollout.staleness=1"]),
     ("HF fp8, dense, staleness 4", ["rollout.precision=fp8", "rollout.staleness=4"]),
@@ -68,15 +79,34 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--first", type=int, default=4, help="0-based first measured step")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--rows", action="append", default=None, metavar="S",
+                   help="only the rows whose label contains S (repeatable); merged into an existing --out")
     a = p.parse_args()
+    rows = [(label, ov) for label, ov in ROWS if a.rows is None or any(s in label for s in a.rows)]
+    if not rows:
+        p.error(f"--rows {a.rows}: no row label contains any of them; labels: {[label for label, _ in ROWS]}")
+    kept: dict = {}  # the rows of an existing --out file that this run does not measure
+    if a.rows is not None and a.out is not None and a.out.exists():
+        old = json.loads(a.out.read_text())
+        if (old["steps"], old["first_measured_step"]) != (a.steps, a.first):
+            p.error(f"{a.out} was measured with --steps {old['steps']} --first {old['first_measured_step']}; "
+                    "rerun the --rows with those, or all rows")
+        kept = old["rows"]
     have_vllm = importlib.util.find_spec("vllm") is not None
     results = {}
-    for label, ov in ROWS:
+    for label, ov in rows:
         if "rollout.engine=vllm" in ov and not have_vllm:
+            if "overrides" in kept.get(label, {}):  # a measured row is not replaced by a skip
+                print(label, "skipped (no vLLM here); kept from", a.out, flush=True)
+                continue
             results[label] = {"skipped": "vLLM is not installed here (run with .venv-vllm/bin/python)"}
         else:
-            results[label] = {"overrides": ov, **measure(ov, a.steps, a.first)}
+            results[label] = {"overrides": ov, "date": datetime.date.today().isoformat(),
+                              **measure(ov, a.steps, a.first)}
         print(label, json.dumps(results[label]), flush=True)
+    order = [label for label, _ in ROWS]  # the table's order; rows no longer in ROWS go last
+    merged = {**kept, **results}
+    results = dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     fmt = lambda v: f"{v:.2g}" if abs(v) < 0.01 else f"{v:.4f}"  # noqa: E731
     print("\n| rollout | " + " | ".join(c for c, _, _ in COLUMNS) + " | command overrides |")
     print("|---|" + "---|" * (len(COLUMNS) + 1))

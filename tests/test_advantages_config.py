@@ -52,7 +52,7 @@ def test_config_defaults_and_overrides(tmp_path):
     (["train.lrr=1"], "train.lrr"),
     (["train.lr=abc"], "train.lr"),
     (["train.lr=-1"], "train.lr"),
-    (["rollout.precision=fp4"], "rollout.precision"),
+    (["rollout.precision=nf4"], "rollout.precision"),
     (["train.minibatches=5"], "train.minibatches"),
     (["rollout.group_size=1"], "rollout.group_size"),
     (["objective.name=nope"], "unknown objective 'nope'"),

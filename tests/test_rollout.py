@@ -134,7 +134,7 @@ def test_bad_sampling_params_are_config_errors_and_the_config_builds_them():
     cfg = load_config(None, ["rollout.temperature=0.7", "rollout.top_k=5", "rollout.group_size=4"]).rollout
     assert cfg.sampling() == SamplingParams(temperature=0.7, top_k=5, n=4, max_new_tokens=cfg.max_new_tokens)
     with pytest.raises(ValueError, match="unknown rollout precision"):
-        HFRolloutEngine(torch.nn.Linear(2, 2), precision="fp3", eos_id=0, pad_id=0)
+        HFRolloutEngine(torch.nn.Linear(2, 2), precision="nf4", eos_id=0, pad_id=0)
 
 
 def test_left_pad():

