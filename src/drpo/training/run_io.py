@@ -229,7 +229,8 @@ def latest_valid_checkpoint(run_dir: Path, warn=print) -> Optional[tuple[Path, d
 
 
 # keys that may differ on --resume: they change what is logged or when, not what is computed
-RESUME_SAFE_KEYS = ("train.steps", "eval.", "save_every", "progress", "tensorboard", "out")
+# (task.reward_timeout only bounds how long a reward call may take: a run that finished is unchanged by it)
+RESUME_SAFE_KEYS = ("train.steps", "eval.", "save_every", "progress", "tensorboard", "out", "task.reward_timeout")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
