@@ -54,7 +54,7 @@ class Collector:
         self.prompts_per_step, self.seed, self.reward_timeout = prompts_per_step, seed, reward_timeout
 
     def encode(self, ex: Example) -> list[int]:
-        return self.codec.encode(ex.prompt, name=repr(ex.id) if ex.id else "")
+        return self.codec.encode_example(ex)
 
     def collect(self, step: int, engine, version: int) -> Collected:
         t0 = time.perf_counter()
