@@ -263,3 +263,22 @@ def test_a_run_saved_before_reward_timeout_existed_can_resume():
     saved = {"task": {"reward": "math"}, "train": {"steps": 4}}
     check_resume_config(saved, {"task": {"reward": "math", "reward_timeout": 60.0}, "train": {"steps": 4}}, 2)
     check_resume_config(saved, {"task": {"reward": "math", "reward_timeout": 5.0}, "train": {"steps": 4}}, 2)
+
+
+def test_evaluate_passes_its_reward_timeout():
+    from drpo.evaluation.metrics import evaluate
+
+    def hangs(example: Example, response: str) -> float:
+        time.sleep(2)
+        return 1.0
+
+    with pytest.raises(RewardTimeout, match="took longer than 0.1 s"):
+        evaluate(lambda prompts, n: [["x"] * n for _ in prompts], _examples(1), k=1, reward_fn=hangs,
+                 progress=False, reward_timeout=0.1)
+
+
+def test_an_unconvertible_number_is_an_item_error():
+    import decimal
+
+    rewards, stats = score_batch(lambda e, r: decimal.Decimal("sNaN"), _examples(1), ["a"])
+    assert rewards == [0.0] and stats.n_errors == 1 and "ValueError" in stats.first_error

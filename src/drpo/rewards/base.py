@@ -224,7 +224,10 @@ def _call(fn: RewardFn, i: int, example: Example, response: str, limit: Optional
         return 0.0, error
     if value is None:
         return 0.0, TypeError("returned None, not a number")
-    reward = _to_number(value)
+    try:
+        reward = _to_number(value)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as error:  # Decimal("sNaN"), an odd .item()
+        return 0.0, error
     if reward is None:
         shown = repr(value)
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
