@@ -3,11 +3,11 @@ samples k completions per prompt and scores them."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from drpo.rewards.base import RewardFn, math_reward, score_batch
+from drpo.rewards.base import DEFAULT_REWARD_TIMEOUT_S, RewardFn, math_reward, score_batch
 from drpo.tasks.base import Example
 
 GenerateFn = Callable[[list[str], int], list[list[str]]]  # prompts, n -> n completions per prompt
@@ -78,9 +78,11 @@ def evaluate(
     reward_fn: RewardFn = math_reward,
     batch_size: int = 64,
     progress: bool = True,
+    reward_timeout: Optional[float] = DEFAULT_REWARD_TIMEOUT_S,
 ) -> EvalResult:
     """Sample ``k`` completions per example (``batch_size`` prompts per ``generate_fn`` call),
-    score them with ``reward_fn`` and report avg@k and pass@k."""
+    score them with ``reward_fn`` and report avg@k and pass@k. ``reward_timeout``: seconds per
+    reward call (None or 0: no limit); :class:`drpo.rewards.base.RewardError` propagates."""
     if not examples:
         raise ValueError("evaluate needs at least one example")
     if not isinstance(k, int) or k < 1:
@@ -96,7 +98,7 @@ def evaluate(
             _check_generations(completions, len(batch), k)
             flat_examples = [ex for ex in batch for _ in range(k)]
             flat_responses = [text for row in completions for text in row]
-            rewards, stats = score_batch(reward_fn, flat_examples, flat_responses)
+            rewards, stats = score_batch(reward_fn, flat_examples, flat_responses, timeout_s=reward_timeout)
             n_errors += stats.n_errors
             for i, (ex, responses) in enumerate(zip(batch, completions)):
                 row_rewards = rewards[i * k : (i + 1) * k]

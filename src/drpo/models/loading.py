@@ -7,17 +7,29 @@ any local checkpoint takes: ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pret
 
 Mistakes get one clear line (:class:`ModelLoadError`): a folder that does not exist, a folder that
 is not a ``save_pretrained`` folder, a hub id when the hub cannot be reached (said at once, instead
-of minutes of retries).
+of minutes of retries), a config.json that is not valid, a weight file that is truncated or
+corrupt, weights that do not match config.json (a changed ``hidden_size`` or layer count). The
+last is checked here: transformers only warns about weights missing from the files or left unused
+(and re-initialises the missing ones at random), which would train a different model than meant.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+try:
+    from huggingface_hub.errors import StrictDataclassError  # how transformers 5 config validation fails
+except ImportError:  # pragma: no cover -- older huggingface_hub
+    StrictDataclassError = ValueError  # type: ignore[misc,assignment]
 
 BUILTIN_MODELS = ("builtin", "builtin-moe")
 HUB_HOST = ("huggingface.co", 443)
@@ -86,19 +98,139 @@ def check_model_source(model: str) -> None:
             "hub cannot be reached (offline); download it elsewhere and pass its folder with --model PATH")
 
 
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (its type when it has none)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def check_config(model: str, path: str) -> None:
+    """Raise :class:`ModelLoadError` when the config.json of ``path`` cannot be read or is not valid."""
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, StrictDataclassError) as e:
+        # transformers 5 validates configs in a dataclass: the real reason is the cause's message
+        reason = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ is not None else e
+        where = f"config.json in {path}" if Path(path).is_dir() else f"the config.json of {model!r}"
+        raise ModelLoadError(f"{where} is not valid: {_first_line(reason)}") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files ``from_pretrained`` reads from ``folder``: the shards named in
+    model.safetensors.index.json, else model.safetensors (other files, such as a checkpoint's
+    rollout_versions.safetensors, are not the model's)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise ModelLoadError(f"{index.name} in {folder} is not a valid shard index ({_first_line(e)}); "
+                                 "copy or save the model again") from None
+        return [folder / name for name in sorted(set(shards))]
+    single = folder / "model.safetensors"
+    return [single] if single.exists() else []
+
+
+def check_weight_files(folder: Path) -> None:
+    """Raise :class:`ModelLoadError` naming the first weight file of ``folder`` (see
+    :func:`weight_files`) whose header cannot be read or does not cover the file exactly (a
+    truncated or damaged copy). Reads only the headers."""
+    from safetensors import safe_open
+
+    for file in weight_files(folder):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error type, or OSError
+            raise ModelLoadError(f"{file.name} in {folder} is truncated or corrupt ({_first_line(e)}); "
+                                 "copy or save it again") from None
+
+
+class _HoldLoadReports(logging.Filter):
+    """Keeps transformers' LOAD REPORT tables (missing / unexpected / mismatched weights) from the
+    log while a model loads: :func:`load_policy` turns them into one line of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.held.append(record)
+            return False
+        return True
+
+
+@contextmanager
+def _held_load_reports() -> Iterator[_HoldLoadReports]:
+    log = logging.getLogger("transformers.modeling_utils")
+    hold = _HoldLoadReports()
+    log.addFilter(hold)
+    try:
+        yield hold
+    finally:
+        log.removeFilter(hold)
+
+
+def _shape(shape: Any) -> str:
+    return "(" + ", ".join(str(int(d)) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _listed(keys: list[str], at_most: int = 3) -> str:
+    return ", ".join(keys[:at_most]) + (", ..." if len(keys) > at_most else "")
+
+
+def weights_mismatch(info: dict[str, Any]) -> str | None:
+    """What does not match between the weight files and the model config.json describes, in a few
+    words, from ``from_pretrained(..., output_loading_info=True)``'s info; None when all match."""
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda k: k[0])
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if mismatched:
+        key, in_file, expected = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        return f"{key} has shape {_shape(in_file)}, config.json expects {_shape(expected)}{more}"
+    if missing:
+        return f"{len(missing)} weights it needs are not in the files ({_listed(missing)})"
+    if unexpected:
+        return f"{len(unexpected)} weights in the files are not in the model it describes ({_listed(unexpected)})"
+    return None
+
+
 def load_policy(model: str):
-    """(tokenizer, float32 causal LM) for ``model`` = a built-in name, a folder, or a hub id."""
+    """(tokenizer, float32 causal LM) for ``model`` = a built-in name, a folder, or a hub id.
+
+    Raises :class:`ModelLoadError` (one line) when it cannot be loaded as it is: see the module
+    docstring."""
     check_model_source(model)
     path = resolve_model(model)
+    check_config(model, path)
+    if Path(path).is_dir():
+        check_weight_files(Path(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the tokenizer of {model!r} (from {path!r}): "
                              f"{str(e).splitlines()[0]}") from None
+    from safetensors import SafetensorError
+
     try:
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        # ignore_mismatched_sizes: report a shape mismatch in loading_info (checked below) instead
+        # of raising a RuntimeError that points at the table
+        with _held_load_reports() as held:
+            net, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, ignore_mismatched_sizes=True,
+                                                             output_loading_info=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the model {model!r} (from {path!r}): {str(e).splitlines()[0]}") from None
+    except SafetensorError as e:  # a hub model's file (a local folder's files are checked above)
+        raise ModelLoadError(f"a weight file of {model!r} (from {path!r}) is truncated or corrupt "
+                             f"({_first_line(e)}); download it again") from None
+    problem = weights_mismatch(info)
+    if problem is not None:
+        raise ModelLoadError(f"{path}: weights do not match config.json: {problem}; use the config.json the "
+                             "weights were saved with")
+    for record in held.held:  # nothing this check refuses: let transformers' report through
+        logging.getLogger(record.name).handle(record)
     if tokenizer.eos_token_id is None:
         raise ModelLoadError(f"the tokenizer of {model!r} has no EOS token; responses could never stop")
     if tokenizer.pad_token_id is None:

@@ -7,9 +7,17 @@ the evaluation turn text into ids and back.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
+
+
+class Prompted(Protocol):
+    """What :meth:`TextCodec.encode_example` reads of an example (``drpo.tasks.Example`` has it)."""
+
+    prompt: str
+    id: str
+    source: str
 
 
 class PromptTooLong(ValueError):
@@ -24,20 +32,27 @@ class TextCodec:
         self.max_prompt_tokens = max_prompt_tokens
         self.limit_source = limit_source  # where the limit comes from, for the error message
 
-    def encode(self, prompt: str, name: str = "") -> list[int]:
-        """Token ids of ``prompt``; ``name`` identifies it in errors (e.g. the example id)."""
+    def encode_example(self, example: Prompted) -> list[int]:
+        """Token ids of ``example.prompt``; errors name its source (``data.jsonl line 7``) when it
+        has one, else its id."""
+        return self.encode(example.prompt, name=repr(example.id) if example.id else "", source=example.source)
+
+    def encode(self, prompt: str, name: str = "", *, source: str = "") -> list[int]:
+        """Token ids of ``prompt``; errors name it by ``source`` (where it was read, e.g.
+        ``data.jsonl line 7``) when given, else by ``name`` (e.g. the example id), else by its start.
+        Raises :class:`PromptTooLong` over the limit, ValueError when it has no tokens."""
         if self.chat_template:
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                      add_generation_prompt=True, tokenize=True)
             ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         else:
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        label = name or repr(prompt[:40])
+        what = f"{source}: prompt" if source else f"prompt {name or repr(prompt[:40])}"
         if not ids:
-            raise ValueError(f"prompt {label} is empty after tokenisation")
+            raise ValueError(f"{what} is empty after tokenisation")
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-            raise PromptTooLong(f"prompt {label} has {len(ids)} tokens, over {self.limit_source}="
-                                f"{self.max_prompt_tokens}")
+            raise PromptTooLong(f"{what} has {len(ids)} tokens, over {self.limit_source}={self.max_prompt_tokens}; "
+                                f"shorten or remove that {'row' if source else 'prompt'}, or raise the limit")
         return ids
 
     def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:

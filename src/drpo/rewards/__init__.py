@@ -4,8 +4,9 @@ The answer checker lives in :mod:`drpo.rewards.verify` (``from drpo.rewards.veri
 verify``); it is not re-exported here so that ``drpo.rewards.verify`` stays the module.
 """
 from drpo.rewards.base import (
-    REWARDS, RewardError, RewardFn, RewardStats, get_reward, math_reward, register_reward, score_batch,
+    DEFAULT_REWARD_TIMEOUT_S, REWARDS, AllRewardsFailed, RewardError, RewardFailureGuard, RewardFn, RewardStats,
+    RewardTimeout, get_reward, math_reward, register_reward, score_batch,
 )
 
-__all__ = ["REWARDS", "RewardError", "RewardFn", "RewardStats", "get_reward", "math_reward", "register_reward",
-           "score_batch"]
+__all__ = ["DEFAULT_REWARD_TIMEOUT_S", "REWARDS", "AllRewardsFailed", "RewardError", "RewardFailureGuard", "RewardFn",
+           "RewardStats", "RewardTimeout", "get_reward", "math_reward", "register_reward", "score_batch"]

@@ -46,6 +46,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from drpo.rewards import RewardError
 from drpo.rollout.collect import Collected, Collector
 from drpo.rollout.config import RolloutConfig
 from drpo.rollout.engine import RolloutBatch, SamplingParams
@@ -217,7 +218,8 @@ def _worker_main(spec: WorkerSpec, commands, conn, parent: int) -> None:
         rollout.close()
     except BaseException as e:  # noqa: BLE001 -- reported to the trainer, which raises it
         first_line = f"{type(e).__name__}: {e}".splitlines()[0]
-        outbox.put(_to_bytes(("error", None, (first_line, traceback.format_exc()))))
+        own = e if isinstance(e, RewardError) else None  # the run's own error: raised as is by the trainer
+        outbox.put(_to_bytes(("error", None, (first_line, traceback.format_exc(), own))))
     outbox.put(None)
     sender.join()
 
@@ -303,7 +305,9 @@ class AsyncRollout:
                 self._ready = True
                 continue
             if got == "error":
-                first_line, tb = payload
+                first_line, tb, own = payload
+                if own is not None:
+                    raise own
                 raise RolloutWorkerError(f"the rollout worker failed: {first_line}") from _WorkerTraceback(tb)
             if got not in self._inbox:
                 raise RolloutWorkerError(f"the rollout worker sent {got!r}, which is not a message it sends")

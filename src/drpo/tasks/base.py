@@ -13,9 +13,12 @@ class Example:
     answer: the gold answer the verifier compares against (e.g. "25", "\\frac{1}{2}").
     id:     a stable identifier (dataset row, or generator index).
     meta:   anything else the source carries (difficulty, subject, ...).
+    source: where it was read from, for error messages (``data.jsonl line 7``, 1-based); "" for
+            generated examples. Not part of equality.
     """
 
     prompt: str
     answer: str
     id: str = ""
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    source: str = field(default="", compare=False)

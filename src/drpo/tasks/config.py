@@ -23,6 +23,9 @@ class TaskConfig(StrictConfig):
     # longest prompt allowed, in tokens; None: the model's positions minus rollout.max_new_tokens
     max_prompt_tokens: Optional[int] = Field(None, ge=1)
     reward: str = "math"
+    # seconds one reward call may take before the run stops with RewardTimeout; 0 or None: no limit.
+    # Generous: an ordinary reward takes milliseconds (the built-in math reward bounds itself)
+    reward_timeout: Optional[float] = Field(60.0, ge=0)
 
     @model_validator(mode="after")
     def _jsonl_needs_path(self) -> "TaskConfig":

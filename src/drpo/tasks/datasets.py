@@ -18,6 +18,7 @@ DEFAULT_TEMPLATE = (
     "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 )
 _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # a byte that did not decode, under errors="surrogateescape"
 
 
 def _format_answer(value: Any, field: str, line_no: int) -> str:
@@ -73,8 +74,9 @@ def load_jsonl(
     id_field:  row key used as ``Example.id`` (default: the 0-based row index).
     limit:     keep only the first ``limit`` rows.
     answer_fn: maps the raw answer string to the gold answer (e.g. :func:`gsm8k_final_answer`).
-    The other fields of each row (the raw answer included) go to ``Example.meta``. Blank lines
-    are skipped.
+    The other fields of each row (the raw answer included) go to ``Example.meta``; ``Example.source``
+    is ``"<path> line <n>"`` (1-based). Blank lines are skipped. The file must be UTF-8 (a BOM is
+    allowed); a byte that is not is an error naming its line.
     """
     path = Path(path)
     _check_template(template)
@@ -83,10 +85,17 @@ def load_jsonl(
     if not path.is_file():
         raise ValueError(f"dataset file not found: {path}")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as file:
+    # undecodable bytes become lone surrogates (which valid UTF-8 never gives), so that the line
+    # holding one is known exactly
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as file:
         for line_no, line in enumerate(file, start=1):
             if limit is not None and len(examples) >= limit:
                 break
+            bad = _NOT_UTF8.search(line)
+            if bad is not None:
+                raise ValueError(
+                    f"{path}: line {line_no} is not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at "
+                    f"character {bad.start() + 1}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
             if not line.strip():
                 continue
             try:
@@ -120,6 +129,7 @@ def load_jsonl(
                     answer=answer,
                     id=str(row[id_field]) if id_field else str(len(examples)),
                     meta=meta,
+                    source=f"{path} line {line_no}",
                 )
             )
     if not examples:

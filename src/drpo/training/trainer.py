@@ -35,7 +35,7 @@ from drpo.evaluation import evaluate, make_generate_fn
 from drpo.models import RoutingStats, TextCodec, given_routing, is_moe, load_policy, load_state, max_positions
 from drpo.objectives import NonFiniteInput, adapt_delta, policy_loss
 from drpo.objectives.metrics import MISMATCH_KEYS, MU_TAIL
-from drpo.rewards import get_reward
+from drpo.rewards import RewardFailureGuard, get_reward
 from drpo.rollout import Collector, RolloutBatch, SamplingParams, build_rollout, require_engine, use_bf16_compute_
 from drpo.tasks import make_prompts
 from drpo.training import run_io
@@ -109,8 +109,9 @@ class Trainer:
         # is encoded now, so that a prompt over the length limit fails before anything is written
         first = getattr(self.prompts, "train", None) or self.prompts.train_batch(0, cfg.rollout.prompts_per_step)
         for ex in list(first) + (self.prompts.heldout(cfg.eval.prompts) if cfg.eval.every else []):
-            self.codec.encode(ex.prompt, name=repr(ex.id))
+            self.codec.encode_example(ex)
         self.reward_fn = get_reward(cfg.task.reward)
+        self.reward_guard = RewardFailureGuard()  # every reward failing for a few steps in a row stops the run
         self.objective = cfg.objective.bind()  # parameters resolved and validated once
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         total = max(t.steps * t.minibatches * t.epochs, 1)
@@ -119,7 +120,8 @@ class Trainer:
         if self.life.checkpoint is not None:
             versions = self._restore(self.life.checkpoint[1])
         collector = Collector(self.prompts, self.codec, cfg.rollout.sampling(), self.reward_fn,
-                              prompts_per_step=cfg.rollout.prompts_per_step, seed=cfg.seed)
+                              prompts_per_step=cfg.rollout.prompts_per_step, seed=cfg.seed,
+                              reward_timeout=cfg.task.reward_timeout)
         # built from the fp32 weights, before the trainer's own precision
         self.rollout = build_rollout(cfg.rollout, self.model, collector, eos_id=self.tokenizer.eos_token_id,
                                      pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, start_step=self.start_step,
@@ -154,6 +156,7 @@ class Trainer:
         clock, t0 = Clock(), time.perf_counter()
         with clock("time/wait_rollout"):
             got = self.rollout.collect(step)
+        self.reward_guard.update(len(got.rewards), got.reward_errors, got.reward_error)
         batch, rewards = got.batch, got.rewards
         finished = (batch.response_ids == self.tokenizer.eos_token_id).any(-1)
         if t.overlong_reward is not None:
@@ -299,7 +302,8 @@ class Trainer:
         seed = step_seed(self.cfg.seed, 0, SALT_EVAL_SAMPLING)
         generate = make_generate_fn(lambda ids, p: self.rollout.generate(ids, p, seed), self.codec, params)
         # one engine call for all prompts: the engine splits it by rollout.max_batch itself
-        res = evaluate(generate, heldout, k=e.samples, reward_fn=self.reward_fn, batch_size=len(heldout), progress=False)
+        res = evaluate(generate, heldout, k=e.samples, reward_fn=self.reward_fn, batch_size=len(heldout), progress=False,
+                       reward_timeout=self.cfg.task.reward_timeout)
         lengths = [len(r) for row in res.per_example for r in row["responses"]]
         return {"eval/accuracy": res.avg_at_k, "eval/length_mean": sum(lengths) / max(len(lengths), 1)}
 
