@@ -201,15 +201,17 @@ def objectives() -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def compare(
     ctx: typer.Context,
-    grid: str = typer.Option("default", "--grid", help="grid name (default, quick) or a YAML grid file"),
+    grid: str = typer.Option("map", "--grid", help="map (stage 1), map-ext, decide (stage 2, with --map), quick, "
+                                                   "or a YAML grid file"),
     out: Path = typer.Option(Path("runs/compare"), "--out"),
     quick: bool = typer.Option(False, "--quick", help="the small smoke-test grid (a few minutes)"),
     workers: int = typer.Option(1, "--workers", min=1, help="runs in parallel (each uses 1 thread)"),
     report: Optional[Path] = typer.Option(None, "--report", help="report folder (default <out>/report)"),
-    report_only: bool = typer.Option(False, "--report-only", help="only rebuild the report from finished runs"),
-    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="seeds per block (default: the grid's)"),
+    report_only: bool = typer.Option(False, "--report-only", help="only rebuild the report from the runs on disk"),
+    map_dir: Optional[Path] = typer.Option(None, "--map", help="--grid decide: the finished stability map's --out"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="the first N seeds of each block"),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="train.steps of every run"),
-    blocks: Optional[str] = typer.Option(None, "--blocks", help="comma-separated blocks to keep, e.g. main,delta"),
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="comma-separated blocks to keep, e.g. calm,stressed"),
     model: Optional[str] = typer.Option(None, "--model", help="'builtin', a local folder, or a hub id"),
     estimate: Optional[float] = typer.Option(None, "--estimate", min=0.0,
                                              help="seconds per run: print run counts and the wall-clock estimate, run nothing"),
@@ -218,19 +220,25 @@ def compare(
 
     Extra key.sub=value arguments are base overrides for every run, e.g. train.lr=2e-4.
     """
-    from drpo.experiments.compare import run_compare
+    from drpo.experiments.compare import GridInterrupted, run_compare
 
     items = list(ctx.args) + ([f"model={model}"] if model is not None else [])
     try:
         res = run_compare(grid="quick" if quick else grid, out=out, workers=workers, report=report,
                           report_only=report_only, seeds=seeds, steps=steps,
-                          blocks=blocks.split(",") if blocks else None, overrides=items, estimate=estimate)
+                          blocks=blocks.split(",") if blocks else None, overrides=items, estimate=estimate,
+                          map_dir=map_dir)
+    except GridInterrupted as e:
+        again = " ".join(a for a in sys.argv[1:])
+        _fail(f"{e or 'interrupted'}; resume with: drpo {again}", code=130)
     except _user_errors() as e:
         _fail(f"error: {e}")
     if res["report"] is not None:
         typer.echo(f"report: {res['report']}")
-    if any(e.get("state") == "error" for e in res["entries"].values()):
-        raise typer.Exit(code=1)
+    from drpo.experiments.results import ended
+
+    if any(not ended(e) for e in res["entries"].values()):
+        raise typer.Exit(code=1)  # some runs did not end (each was named above): run the command again
 
 
 def main() -> None:

@@ -1,17 +1,21 @@
-"""The paper's claims as data, and the rules that turn runs into verdicts -- fixed before the grid ran.
+"""The paper's claims as data, and the rules that turn runs into verdicts -- fixed before the grids ran.
 
 A claim compares a *treatment* (methods, averaged per seed) with a *control* (likewise) on a metric,
-over some settings. Each (setting, seed) with both sides gives one paired value; the effect is their
-mean with a 95% Student-t interval [lo, hi] (seeds of one setting share prompts and sampling seeds).
-Metrics and their units (the claimed direction is always positive):
+over some settings (one *regime*: calm, or stressed). For the paired metrics each (setting, seed) with
+both sides gives one paired value; the effect is their mean with a 95% Student-t interval [lo, hi] (seeds
+of one setting share prompts and sampling seeds). Metrics and their units (the claimed direction is
+always positive):
 
-    final_acc     treatment - control, held-out accuracy (fraction; 0.03 = 3 points). A run's final
-                  accuracy is the mean of its last 3 evaluations; a diverged run counts 0.
+    final_acc     treatment - control, held-out accuracy (fraction; 0.03 = 3 points): mean of a run's last
+                  3 evaluations; a diverged run counts 0 (drpo.experiments.results)
     grad_var      1 - var_T / var_C of the per-step gradient norm (pre-clipping) within a run
                   (computed on log(var_T / var_C), then mapped)
     time_to_acc   1 - steps_T / steps_C to reach the setting's target accuracy (step-0 accuracy +
                   TIME_FRACTION x (best method's mean final accuracy - step-0 accuracy)); a run that
                   never reaches it counts as (steps + eval interval), its censoring is reported
+    collapse      the reduction of the collapse rate, p_C - p_T, over all runs of each side in the
+                  regime's settings (drpo.training.collapse: ever collapsed, a diverged run counts); not
+                  paired: counts k_T / n_T vs k_C / n_C, with a 95% Newcombe interval
 
 Verdicts (``rule``):
 
@@ -25,10 +29,16 @@ Verdicts (``rule``):
                   contradicted    lo > margin or hi < -margin
                   inconclusive    otherwise
     noninferior   reproduced      lo > -margin;  contradicted  hi < -margin;  inconclusive otherwise
+    fewer         (collapse counts; one-sided Fisher exact tests at 5%)
+                  reproduced      the treatment collapses less:  p(T < C) < 0.05
+                  contradicted    it collapses more:             p(T > C) < 0.05
+                  no collapse     neither side collapsed: this regime cannot test the claim
+                  inconclusive    otherwise
 
-For every claim the report also gives the minimum detectable effect at 80% power (two-sided 5%)
-given the observed seed-to-seed spread: MDE = (t_{0.975, n-1} + t_{0.80, n-1}) sd / sqrt(n), in the
-claim's units -- what an inconclusive verdict rules out.
+For every claim the report also gives the minimum detectable effect at 80% power: for paired metrics
+MDE = (t_{0.975, n-1} + t_{0.80, n-1}) sd / sqrt(n) in the claim's units, for collapse counts the
+smallest reduction of the control's observed rate a one-sided 5% Fisher test detects with 80% power
+(drpo.experiments.stats) -- what an inconclusive verdict rules out.
 """
 from __future__ import annotations
 
@@ -36,14 +46,14 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
-import numpy as np
-from scipy import stats
+from drpo.experiments.stats import Effect
 
-METRICS = ("final_acc", "grad_var", "time_to_acc")
-RULES = ("directional", "equivalence", "noninferior")
+METRICS = ("final_acc", "grad_var", "time_to_acc", "collapse")
+RULES = ("directional", "equivalence", "noninferior", "fewer")
 LOG_METRICS = ("grad_var", "time_to_acc")  # relative effects, computed on the log scale
+PCT_METRICS = LOG_METRICS + ("collapse",)   # shown in percent
 TIME_FRACTION = 0.8
-FINAL_EVALS = 3  # final accuracy = mean of the last 3 evaluations
+ALPHA = 0.05
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class Claim:
     margin: float = 0.03               # equivalence / non-inferiority margin, in the metric's units
     per_setting: bool = False          # one verdict per setting instead of one pooled verdict
     control_setting: Optional[str] = None  # take the control from this setting (paired by seed)
+    regime: str = ""                   # calm / stressed: the conditions the settings stand for
 
     def __post_init__(self) -> None:
         where = f"claim {self.id!r}"
@@ -66,10 +77,16 @@ class Claim:
             raise ValueError(f"{where}: unknown metric {self.metric!r}; known: {list(METRICS)}")
         if self.rule not in RULES:
             raise ValueError(f"{where}: unknown rule {self.rule!r}; known: {list(RULES)}")
+        if (self.metric == "collapse") != (self.rule == "fewer"):
+            raise ValueError(f"{where}: the collapse metric goes with the rule 'fewer', and only it")
         if not self.treatment or not self.control or not self.settings:
             raise ValueError(f"{where}: needs treatment, control and settings")
         if not self.margin > 0:
             raise ValueError(f"{where}: margin must be > 0")
+
+    @property
+    def label(self) -> str:
+        return f"({self.id})" + (f" {self.regime}" if self.regime else "")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -88,98 +105,62 @@ class Claim:
             raise ValueError(f"{where}: claim {d.get('id', '?')!r}: {e}") from None
 
 
-STRESS_FP8 = ("fp8", "stale2", "stale4", "moe_fp8", "lr_stress")
-# a claim pools the settings it lists where the grid has both sides (e.g. no DPPO on vLLM)
-ALL_CORE = STRESS_FP8 + ("vllm_bf16",)
-
-# The paper's claims (Yao et al. 2026) with the magnitudes it reports, and one claim of ours.
-DEFAULT_CLAIMS: tuple[Claim, ...] = (
-    Claim("a", "DRPO reaches about 3 points higher accuracy than PPO/DPPO", "final_acc",
-          ("drpo",), ("dapo", "dppo_tv"), ALL_CORE, magnitude=0.03),
-    Claim("b", "under FP8 rollouts DRPO stays stable where ratio-based methods collapse", "final_acc",
-          ("drpo",), ("dapo", "spo"), STRESS_FP8),
-    Claim("c", "DRPO has 20-30% lower gradient-norm variance than ratio-based methods", "grad_var",
-          ("drpo",), ("dapo", "spo"), ALL_CORE, magnitude=0.20),
-    Claim("d", "removing the advantage weighting |A| hurts", "final_acc", ("drpo",), ("drpo_no_adv",), ("fp8",)),
-    Claim("e", "the ratio-based penalty (SPO) is worse than DRPO's", "final_acc", ("drpo",), ("spo",), ALL_CORE),
-    Claim("f", "delta 12.5 and delta 2.5 perform alike", "final_acc", ("drpo",), ("drpo_d2.5",), ("fp8",),
-          rule="equivalence", margin=0.03),
-    Claim("g", "DRPO needs about 15% less training time to a given accuracy than PPO", "time_to_acc",
-          ("drpo",), ("dapo",), ALL_CORE, magnitude=0.15),
-    Claim("h", "ours: the adaptive delta is within 1 point of DRPO's best fixed delta (12.5 or 0.15, where "
-               "run) in every setting", "final_acc", ("drpo_auto",), ("best:drpo,drpo_d0.15",),
-          ("fp8", "stale2", "stale4", "moe_fp8", "lr_stress", "vllm_bf16"), rule="noninferior", margin=0.01,
-          per_setting=True),
-    Claim("i", "ours: on the MoE, DRPO without routing replay is within 3 points of PPO (GRPO clip-higher) "
-               "with routing replay", "final_acc", ("drpo",), ("dapo",), ("moe_fp8",), rule="noninferior",
-          margin=0.03, control_setting="moe_fp8_replay"),
-)
-CLAIMS_BY_ID = {c.id: c for c in DEFAULT_CLAIMS}
-
-
-def parse_claims(raw: Sequence[Any], where: str) -> tuple[Claim, ...]:
-    """A grid file's ``claims``: built-in ids ('a'..'h') and/or claim mappings."""
+def decide_claims(calm: str, stressed: Sequence[str]) -> tuple[Claim, ...]:
+    """Stage 2's claims: the paper's (a)-(g), ours (h), (j), (k), each in the calm regime (``calm``) and
+    the stressed one (``stressed`` cells pooled), and (i) on the MoE. Magnitudes are the paper's."""
     out = []
-    for item in raw:
-        if isinstance(item, str):
-            if item not in CLAIMS_BY_ID:
-                raise ValueError(f"{where}: unknown claim {item!r}; built-in claims: {sorted(CLAIMS_BY_ID)} "
-                                 "(or define one as a mapping)")
-            out.append(CLAIMS_BY_ID[item])
-        elif isinstance(item, dict):
-            out.append(Claim.from_dict(item, where))
-        else:
-            raise ValueError(f"{where}: a claim is an id or a mapping, got {item!r}")
+    for regime, settings in (("calm", (calm,)), ("stressed", tuple(stressed))):
+        if not settings:
+            continue
+        kw = dict(settings=settings, regime=regime)
+        out += [
+            Claim("a", "DRPO reaches about 3 points higher accuracy than PPO/DPPO", "final_acc",
+                  ("drpo",), ("dapo", "dppo_tv"), magnitude=0.03, **kw),
+            Claim("b", "DRPO stays stable where ratio-based methods collapse (fewer collapses)", "collapse",
+                  ("drpo",), ("dapo", "spo"), rule="fewer", **kw),
+            Claim("c", "DRPO has 20-30% lower gradient-norm variance than ratio-based methods", "grad_var",
+                  ("drpo",), ("dapo", "spo"), magnitude=0.20, **kw),
+            Claim("d", "removing the advantage weighting |A| hurts", "final_acc", ("drpo",), ("drpo_no_adv",), **kw),
+            Claim("e", "the ratio-based penalty (SPO) is worse than DRPO's", "final_acc", ("drpo",), ("spo",), **kw),
+            Claim("g", "DRPO needs about 15% less training time to a given accuracy than PPO", "time_to_acc",
+                  ("drpo",), ("dapo",), magnitude=0.15, **kw),
+            Claim("h", "ours: the adaptive delta is within 1 point of DRPO's best fixed delta (12.5 or 0.15)",
+                  "final_acc", ("drpo_auto",), ("best:drpo,drpo_d0.15",), rule="noninferior", margin=0.01,
+                  per_setting=True, **kw),
+            Claim("j", "geometry: at delta 12.5 DRPO's weight stays in [0.92, 1.08], so it performs like PG-IS",
+                  "final_acc", ("drpo",), ("pg_is",), rule="equivalence", margin=0.03, **kw),
+            Claim("k", "ours: at delta 0.15, where its trust region binds, DRPO collapses less than PG-IS",
+                  "collapse", ("drpo_d0.15",), ("pg_is",), rule="fewer", **kw),
+        ]
+    out.append(Claim("i", "ours: on the MoE, DRPO without routing replay is within 3 points of PPO (GRPO "
+                          "clip-higher) with routing replay", "final_acc", ("drpo",), ("dapo",), ("moe_fp8",),
+                     rule="noninferior", margin=0.03, control_setting="moe_fp8_replay"))
     return tuple(out)
 
 
-# ---------------------------------------------------------------------------- statistics
-@dataclass
-class Effect:
-    """The paired effect of a claim: mean and 95% interval in the claim's units, the number of pairs,
-    and the minimum detectable effect at 80% power."""
-
-    mean: float
-    lo: float
-    hi: float
-    n: int
-    mde: float
-
-    def fmt(self, pct: bool = False) -> str:
-        if self.n == 0:
-            return "-"
-        f = (lambda v: f"{100 * v:+.1f}%") if pct else (lambda v: f"{v:+.3f}")
-        if self.n < 2:
-            return f"{f(self.mean)} (n=1)"
-        return f"{f(self.mean)} [{f(self.lo)}, {f(self.hi)}] (n={self.n})"
-
-
-def t_quantile(q: float, df: int) -> float:
-    return float(stats.t.ppf(q, df))
-
-
-def paired_effect(values: Sequence[float], log_scale: bool = False) -> Effect:
-    """Mean, 95% t-interval and MDE of paired values; ``log_scale`` values are log(T / C) and the
-    result is the relative reduction 1 - T / C (interval and MDE mapped)."""
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
-    n = int(v.size)
-    if n == 0:
-        return Effect(float("nan"), float("nan"), float("nan"), 0, float("nan"))
-    m = float(v.mean())
-    if n < 2:
-        lo = hi = mde = float("nan")
-    else:
-        se = float(v.std(ddof=1)) / math.sqrt(n)
-        half = t_quantile(0.975, n - 1) * se
-        lo, hi = m - half, m + half
-        mde = (t_quantile(0.975, n - 1) + t_quantile(0.80, n - 1)) * se
-    if log_scale:  # log(T/C) -> reduction 1 - T/C: decreasing, so the bounds swap
-        return Effect(1 - math.exp(m), 1 - math.exp(hi), 1 - math.exp(lo), n, 1 - math.exp(-mde))
-    return Effect(m, lo, hi, n, mde)
+def parse_claims(raw: Sequence[Any], where: str) -> tuple[Claim, ...]:
+    """A grid file's ``claims``: mappings with the fields of :class:`Claim` (the built-in claims are
+    made for the stage-2 grid's chosen cells by :func:`decide_claims`)."""
+    out = []
+    for item in raw:
+        if isinstance(item, dict):
+            out.append(Claim.from_dict(item, where))
+        else:
+            raise ValueError(f"{where}: a claim is a mapping with the fields {sorted(Claim.__dataclass_fields__)}, "
+                             f"got {item!r}")
+    return tuple(out)
 
 
 def verdict(claim: Claim, e: Effect) -> str:
     """The verdict of ``claim`` given its effect (the rules of the module docstring)."""
+    if claim.rule == "fewer":
+        if e.n == 0:
+            return "not tested"
+        if e.detail.startswith("0/") and " vs 0/" in e.detail:
+            return "no collapse"
+        if e.p_less < ALPHA:
+            return "reproduced"
+        return "contradicted" if e.p_greater < ALPHA else "inconclusive"
     if e.n < 2 or not math.isfinite(e.lo):
         return "inconclusive" if e.n else "not tested"
     m = claim.margin

@@ -3,20 +3,27 @@
     <out>/grid.json                       the manifest: the grid, every run's overrides and state
     <out>/<setting>/<method>/seed<k>/     one ordinary run directory per run (see drpo.training.run_io)
     <out>/report/README.md, *.png         the report (drpo.experiments.report)
+    <out>/.lock                           held by the drpo compare working in this folder
 
-Re-running the same command continues the grid: runs whose status.json says ``finished`` are
-skipped, a run with a checkpoint that did not finish is resumed from it, and a run that stopped
-before its first checkpoint is moved aside to ``<dir>.aborted`` and started again. A run that
-diverges (NaN) is recorded as ``failed`` -- a collapse in the report -- and the grid goes on; so
-does a run that raises anything else (state ``error``, with the message, reported at the end).
+Each run is a fresh process (``spawn``); ``--workers N`` run at once. Re-running the same command
+continues the grid: runs that ended (finished, stopped early for collapse, or diverged: results) are
+skipped; a run with a checkpoint that did not end (interrupted, its rollout worker died, a bug, a full
+disk) is resumed from it; one that stopped before its first checkpoint is moved aside to
+``<dir>.aborted`` and started again. One broken run never stops the grid.
+
+The folder belongs to one ``drpo compare`` at a time (a second one exits at once, naming the holder),
+and the manifest's states are always read back from the runs' own status files, so ``grid.json``
+agrees with the runs on disk. Ctrl-C or SIGTERM cancels the queue, lets the runs in flight stop after
+their current step with a checkpoint (status ``interrupted``), prints how to resume, and exits 130.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -24,18 +31,23 @@ import yaml
 from tqdm.auto import tqdm
 
 from drpo.experiments.grids import SETTINGS, Grid, Run, build_grid, describe
+from drpo.experiments.results import ended
 from drpo.training import run_io
 from drpo.training.config import RunConfig, load_config
 
 MANIFEST = "grid.json"
 
 
-def run_config(run: Run, out: Path):
+class GridInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the grid; the message says how to resume."""
+
+
+def run_config(run: Run, out: Path) -> RunConfig:
     return load_config(None, list(run.overrides) + [f"out={out / run.slug}"])
 
 
 def plan(run: Run, out: Path) -> str:
-    """What to do with a run: 'skip' (finished or diverged), 'resume', 'restart' or 'start'.
+    """What to do with a run: 'skip' (it ended: a result), 'resume', 'restart' or 'start'.
 
     Raises ValueError when the run directory holds a run of another configuration (e.g. the grid's
     steps changed): continuing it would mix two experiments under one name.
@@ -49,102 +61,141 @@ def plan(run: Run, out: Path) -> str:
     if {k: v for k, v in on_disk.items() if k != "out"} != {k: v for k, v in wanted.items() if k != "out"}:
         raise ValueError(f"{run_dir} holds a run with another configuration than this grid's; "
                          f"use another --out (or delete that run) to run the grid as now defined")
-    state = run_io.read_status(run_dir).get("state")
-    if state in ("finished", "failed"):
+    if ended(run_io.read_status(run_dir)):
         return "skip"
     return "resume" if run_io.latest_checkpoint(run_dir) is not None else "restart"
 
 
-def execute(run: Run, out: Path, action: str) -> dict[str, Any]:
-    """Run (or resume) one run to its end; never raises. Returns its manifest entry."""
+def execute(run: Run, out: Path, action: str) -> None:
+    """Run (or resume) one run to its end, in its own process; how it ended is in its status file."""
     from transformers.utils import logging as hf_logging
 
-    from drpo.training.trainer import Trainer, TrainingDiverged
+    from drpo.training.trainer import Trainer
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the grid's: it stops this run with SIGTERM
     hf_logging.disable_progress_bar()  # checkpoint-writing bars would drown the grid's own bar
     run_dir = out / run.slug
-    t0 = time.perf_counter()
-    entry: dict[str, Any] = {"slug": run.slug}
+    if action == "restart":
+        try:
+            run_io.RunLock(run_dir).release()  # a folder in use by a live process is never moved
+        except run_io.RunLocked:
+            return
+        aside = run_dir.with_name(run_dir.name + ".aborted")
+        shutil.rmtree(aside, ignore_errors=True)
+        run_dir.rename(aside)
     try:
-        if action == "restart":
-            aside = run_dir.with_name(run_dir.name + ".aborted")
-            shutil.rmtree(aside, ignore_errors=True)
-            run_dir.rename(aside)
-        Trainer(run_config(run, out), resume=action == "resume").train()
-        entry["state"] = "finished"
-    except TrainingDiverged as e:
-        entry.update(state="failed", reason=str(e))
-    except Exception as e:  # noqa: BLE001 -- one broken run must not stop the grid
-        entry.update(state="error", reason=f"{type(e).__name__}: {e}")
-    entry["seconds"] = round(time.perf_counter() - t0, 2)
-    return entry
+        trainer = Trainer(run_config(run, out), resume=action == "resume")
+    except Exception as e:  # noqa: BLE001 -- set-up failed: say so where the grid reads states
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_io.write_status(run_dir, "error", step=0, reason=f"{type(e).__name__}: {e}")
+        return
+    try:
+        trainer.train()
+    except BaseException:  # noqa: BLE001 -- the run's lifecycle wrote its status (and traceback.txt)
+        pass
 
 
-def _write_manifest(out: Path, grid: Grid, entries: dict[str, dict[str, Any]]) -> None:
+def _state(out: Path, run: Run) -> dict[str, Any]:
+    """A run's manifest entry, read from its status file (the one source of truth)."""
+    st = run_io.read_status(out / run.slug)
+    return {"state": st.get("state", "pending"), **{k: st[k] for k in ("reason", "cause", "step") if k in st}}
+
+
+def write_manifest(out: Path, grid: Grid) -> dict[str, dict[str, Any]]:
+    """grid.json: the grid and every run's state as its status file says; returns {slug: entry}."""
     data = grid.to_dict()
-    for r in data["runs"]:
-        r.update(entries.get(r["slug"], {}))
+    entries = {}
+    for r, d in zip(grid.runs, data["runs"]):
+        entries[r.slug] = _state(out, r)
+        d.update(entries[r.slug])
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(out / MANIFEST)
+    return entries
 
 
 def run_grid(grid: Grid, out: Path, workers: int = 1) -> dict[str, dict[str, Any]]:
-    """Run every unfinished run of ``grid`` under ``out``; returns {slug: manifest entry}."""
+    """Run every run of ``grid`` under ``out`` that has not ended; returns {slug: manifest entry}."""
     out.mkdir(parents=True, exist_ok=True)
-    actions = {r.slug: plan(r, out) for r in grid.runs}
-    entries: dict[str, dict[str, Any]] = {}
-    for r in grid.runs:
-        st = run_io.read_status(out / r.slug)
-        entries[r.slug] = {"state": st.get("state", "pending"), **({"reason": st["reason"]} if "reason" in st else {})}
-    todo = [r for r in grid.runs if actions[r.slug] != "skip"]
-    _write_manifest(out, grid, entries)
+    lock = run_io.RunLock(out)
+    try:
+        return _run_locked(grid, out, workers)
+    finally:
+        lock.release()
 
+
+def _run_locked(grid: Grid, out: Path, workers: int) -> dict[str, dict[str, Any]]:
+    actions = {r.slug: plan(r, out) for r in grid.runs}
+    todo = [r for r in grid.runs if actions[r.slug] != "skip"]
+    entries = write_manifest(out, grid)
     bar = tqdm(total=len(grid.runs), initial=len(grid.runs) - len(todo), desc=f"grid {grid.name}",
                unit="run", dynamic_ncols=True)
+    ctx = get_context("spawn")
+    running: dict[str, Any] = {}
+    queue = list(todo)
+    t0 = time.monotonic()
 
-    def record(entry: dict[str, Any]) -> None:
-        entries[entry["slug"]] = entry
-        _write_manifest(out, grid, entries)
-        states = [e["state"] for e in entries.values()]
-        bar.set_postfix(failed=states.count("failed"), errors=states.count("error"))
-        bar.update(1)
+    def on_term(signum, frame) -> None:
+        raise GridInterrupted()
 
-    if workers <= 1:
-        for r in todo:
-            bar.set_description(f"grid {grid.name}: {r.slug}")
-            record(execute(r, out, actions[r.slug]))
-    else:
-        # a fresh process per run (max_tasks_per_child=1): no state of one run (vLLM's in-process engine,
-        # allocator caches) leaks into the next
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-            futures = [pool.submit(execute, r, out, actions[r.slug]) for r in todo]
-            for f in as_completed(futures):
-                record(f.result())
-    bar.close()
-    return entries
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                r = queue.pop(0)
+                p = ctx.Process(target=execute, args=(r, out, actions[r.slug]), name=f"drpo-run {r.slug}")
+                p.start()
+                running[r.slug] = p
+            wait([p.sentinel for p in running.values()])
+            for slug in [s for s, p in running.items() if not p.is_alive()]:
+                running.pop(slug).join()
+                entries = write_manifest(out, grid)
+                states = [e["state"] for e in entries.values()]
+                bar.set_postfix(collapsed=states.count("collapsed"), failed=states.count("failed"),
+                                errors=states.count("error"), h=f"{(time.monotonic() - t0) / 3600:.2f}")
+                bar.update(1)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (GridInterrupted)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the runs' checkpoints short
+        for p in running.values():
+            p.terminate()  # SIGTERM: the run stops after its current step, with a checkpoint
+        for p in running.values():
+            p.join(timeout=600)
+        write_manifest(out, grid)
+        raise GridInterrupted(f"stopped: {len(queue)} queued runs cancelled, {len(running)} in flight stopped "
+                              f"after their current step") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+    return write_manifest(out, grid)
 
 
 def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] = None, report_only: bool = False,
                 *, seeds: Optional[int] = None, steps: Optional[int] = None, blocks: Optional[Sequence[str]] = None,
-                overrides: Sequence[str] = (), estimate: Optional[float] = None) -> dict[str, Any]:
+                overrides: Sequence[str] = (), estimate: Optional[float] = None,
+                map_dir: Optional[Path] = None) -> dict[str, Any]:
     """Run the grid (unless ``report_only``) and write the report to ``report`` (default ``out/report``).
 
-    ``report_only`` rebuilds the report from the manifest of an earlier call in ``out``;
-    ``estimate`` (seconds per run) only prints the run counts and the wall-clock estimate.
+    ``report_only`` rebuilds the report from the runs in ``out`` (and the manifest from the grid named,
+    with the runs' states on disk); ``estimate`` (seconds per run) only prints the run counts and the
+    wall-clock estimate; ``map_dir``: stage 2 (``--grid decide``) chooses its cells from this map.
     Returns {"entries": {slug: manifest entry}, "report": path to README.md or None}.
     """
     from drpo.experiments.report import write_report
 
     out = Path(out)
     report_dir = Path(report) if report is not None else out / "report"
-    command = f"drpo compare --out {out} --report-only" + (f" --report {report}" if report is not None else "")
+    g = build_grid(grid, seeds=seeds, steps=steps, blocks=blocks, overrides=overrides, map_dir=map_dir)
+    command = (f"drpo compare --grid {grid} --out {out}" + (f" --map {map_dir}" if map_dir else "")
+               + " --report-only" + (f" --report {report}" if report is not None else ""))
     if report_only:
-        if not (out / MANIFEST).exists():
-            raise ValueError(f"--report-only: no {MANIFEST} under {out}; run the grid first")
-        return {"entries": {}, "report": write_report(out, report_dir, command)}
-
-    g = build_grid(grid, seeds=seeds, steps=steps, blocks=blocks, overrides=overrides)
+        if not any((out / r.slug / "status.json").exists() for r in g.runs):
+            raise ValueError(f"--report-only: no run of grid {g.name!r} under {out}; run the grid first")
+        try:
+            with _held(out):
+                write_manifest(out, g)
+        except run_io.RunLocked:
+            pass  # a drpo compare is running in this folder and keeps grid.json current itself
+        return {"entries": {}, "report": write_report(out, report_dir, command, map_dir=map_dir)}
     print(describe(g, estimate, workers))
     if estimate is not None:
         return {"entries": {}, "report": None}
@@ -156,8 +207,26 @@ def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] =
             raise ValueError(f"grid {g.name!r} has vLLM settings (blocks {vllm_blocks}) and vLLM is not installed "
                              "here: run it with .venv-vllm/bin/drpo (make setup-vllm), or keep the other blocks "
                              "with --blocks")
+    if map_dir is not None:
+        from drpo.experiments.selection import choose_cells, write_choice
+
+        write_choice(map_dir, choose_cells(map_dir))
     entries = run_grid(g, out, workers)
-    errors = {k: e["reason"] for k, e in entries.items() if e["state"] == "error"}
-    for slug, reason in errors.items():
-        print(f"run {slug} failed with an error (not a divergence): {reason}")
-    return {"entries": entries, "report": write_report(out, report_dir, command)}
+    for slug, e in entries.items():
+        if e["state"] not in ("finished", "collapsed") and not (e["state"] == "failed" and e.get("cause") == "diverged"):
+            print(f"run {slug} did not end: {e['state']}" + (f" ({e['reason']})" if "reason" in e else ""))
+    return {"entries": entries, "report": write_report(out, report_dir, command, map_dir=map_dir)}
+
+
+class _held:
+    """The grid folder's lock for a block (a report rebuilt while a grid runs would read half-written states)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def __enter__(self):
+        self.lock = run_io.RunLock(self.out)
+        return self.lock
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()

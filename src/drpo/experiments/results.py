@@ -3,7 +3,7 @@
 * final accuracy   the mean of ``eval/accuracy`` over the run's last 3 evaluations (less sampling noise
                    than one). A run that diverged (NaN) delivers no model at its step budget: its final
                    accuracy counts as 0. A run stopped early for collapse keeps the accuracy it had
-                   when stopped (it evaluates once more as it stops).
+                   when stopped (it stops right after an evaluation).
 * best accuracy    the highest ``eval/accuracy`` the run logged.
 * collapse         :mod:`drpo.training.collapse` on the run's metrics (a diverged run counts).
 * gradient-norm variance   the variance over steps of ``train/grad_norm`` (pre-clipping), per run.
@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from drpo.training import run_io
-from drpo.training.collapse import CollapseState, _num, detect_collapse
+from drpo.training.collapse import CollapseState, as_number, detect_collapse
 
 FINAL_EVALS = 3  # final accuracy = mean of the last 3 evaluations
 
@@ -46,7 +46,7 @@ class RunResult:
     rows: list[dict] = field(repr=False)
 
     def series(self, key: str) -> list[tuple[int, float]]:
-        return [(r["step"], v) for r in self.rows if (v := _num(r.get(key))) is not None]
+        return [(r["step"], v) for r in self.rows if (v := as_number(r.get(key))) is not None]
 
     def step_mean(self, key: str) -> Optional[float]:
         vals = [v for _, v in self.series(key) if math.isfinite(v)]

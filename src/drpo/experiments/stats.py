@@ -139,11 +139,14 @@ def _power_less(p1: float, n1: int, p2: float, n2: int, alpha: float) -> float:
 
 def count_mde(n1: int, p2: float, n2: int, power: float = 0.8, alpha: float = 0.05) -> float:
     """The smallest d such that a treatment rate p2 - d is detected (one-sided Fisher, ``alpha``) with
-    ``power`` against a control rate ``p2`` at these sample sizes; NaN when even d = p2 is not."""
+    ``power`` against a control rate ``p2`` at these sample sizes; inf when even d = p2 (a treatment
+    that never collapses) is not, NaN when the control never collapses (nothing to reduce)."""
+    if p2 <= 0:
+        return float("nan")
     for d in np.linspace(0.0, p2, 101)[1:]:
         if _power_less(round(max(p2 - d, 0.0), 6), n1, round(p2, 6), n2, alpha) >= power:
             return float(d)
-    return float("nan")
+    return float("inf")
 
 
 def count_effect(k1: int, n1: int, k2: int, n2: int) -> Effect:

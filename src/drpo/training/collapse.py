@@ -34,7 +34,7 @@ PATIENCE = 20
 NONFINITE_KEYS = ("obj/loss", "train/grad_norm", "reward/mean")
 
 
-def _num(v: Any) -> Optional[float]:
+def as_number(v: Any) -> Optional[float]:
     """A logged value as a float (NaN/inf are logged as strings); None when absent or not a number."""
     if isinstance(v, bool):
         return None
@@ -98,19 +98,19 @@ class CollapseMonitor:
         s = self.state
         s.last_step = step
         for key in NONFINITE_KEYS:
-            v = _num(row.get(key))
+            v = as_number(row.get(key))
             if v is not None and not math.isfinite(v) and self._nonfinite is None:
                 self._nonfinite = f"nonfinite ({key} is {v})"
-        acc = _num(row.get("eval/accuracy"))
+        acc = as_number(row.get("eval/accuracy"))
         if acc is not None and math.isfinite(acc):
             self._best_acc = acc if self._best_acc is None else max(self._best_acc, acc)
             self._acc_low = acc < ACC_FRACTION * self._best_acc
             self._acc_text = (f"held-out accuracy {acc:.3f} is below {ACC_FRACTION:g} x the run's best "
                               f"{self._best_acc:.3f}")
-        eos = _num(row.get("response/eos_frac"))
+        eos = as_number(row.get("response/eos_frac"))
         if eos is not None:
             self._eos_run = self._eos_run + [step] if eos < EOS_MIN else []
-        ent = _num(row.get("obj/entropy"))
+        ent = as_number(row.get("obj/entropy"))
         if ent is not None and math.isfinite(ent):
             if self._ent_first is None:
                 self._ent_first = ent

@@ -353,7 +353,8 @@ class Trainer:
                     self._watch(watch, step, m, bar)
                     if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.train.steps):
                         self.save(step)
-                    if watch.state.beyond_recovery and cfg.train.stop_on_collapse:
+                    # stopped after an evaluation, so that the last row says the accuracy it had
+                    if cfg.train.stop_on_collapse and watch.state.beyond_recovery and ("eval/accuracy" in m or not evaluating):
                         raise RunCollapsed(f"stopped at step {step} (train.stop_on_collapse): {watch.state.describe()}")
                     if life.stop_requested():  # SIGTERM: this step is done; keep it, then stop
                         if life.last_checkpoint != step:
