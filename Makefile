@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 VLLM_VENV ?= .venv-vllm
 VLLM_PIP  := $(VLLM_VENV)/bin/python -m pip
 
-.PHONY: run test setup setup-all setup-vllm geometry compare bench clean
+.PHONY: run test test-fast setup setup-all setup-vllm geometry compare bench clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ setup-vllm: $(VLLM_VENV)/.vllm
 
 run: setup
 	$(VENV)/bin/drpo train
+
+# the fast tier: every test that neither trains nor starts a process (tests/conftest.py fails a test that does
+# without @pytest.mark.slow); the slow ones run in `make test`
+test-fast: setup-all
+	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 test: setup-all setup-vllm
 	$(VENV)/bin/python -m pytest -q

@@ -10,6 +10,36 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _slow_work_needs_the_slow_mark(request, monkeypatch):
+    """A test that trains or starts a process must be marked ``slow``, so that ``make test-fast`` (``-m "not
+    slow"``) stays fast: outside such tests, a training step or a new process is recorded (and allowed, so
+    nothing waits on a refused start) and fails the test at its end, saying what to do."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import multiprocessing.process
+    import subprocess
+
+    from drpo.training.trainer import Trainer
+
+    seen: list[str] = []
+
+    def record(what, real):
+        def wrapper(*args, **kwargs):
+            seen.append(what)
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", record("starts a process", subprocess.Popen.__init__))
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start",
+                        record("starts a process", multiprocessing.process.BaseProcess.start))
+    monkeypatch.setattr(Trainer, "step", record("trains (Trainer.step)", Trainer.step))
+    yield
+    if seen:
+        pytest.fail(f"{request.node.nodeid} {' and '.join(sorted(set(seen)))}: mark it @pytest.mark.slow", pytrace=False)
+
+
 def _save_tiny(tmp_path_factory, name: str, config_fn, edit=None, **sizes) -> str:
     """Build a tiny model from ``config_fn(vocab, **sizes)`` with the built-in tokenizer, apply
     ``edit(model, tokenizer)`` if given, save both."""

@@ -27,3 +27,32 @@ def interrupt_at(monkeypatch, at: int) -> None:
         return real(self, i)
 
     monkeypatch.setattr(Trainer, "step", step)
+
+
+# A small run on a tiny test model that takes about a second: later overrides win (key=value, applied in order).
+SMALL_RUN = ("train.steps=4", "rollout.prompts_per_step=4", "rollout.group_size=4", "train.minibatches=2",
+             "rollout.max_new_tokens=6", "eval.every=0", "eval.prompts=8", "save_every=2", "progress=false",
+             "tensorboard=false", "train.lr=3e-2", "task.reward=helpers:number_reward")
+
+
+def small_run(model_dir, out, *extra: str) -> list[str]:
+    """The overrides of a small run of ``model_dir`` in ``out`` (see :data:`SMALL_RUN`), then ``extra``."""
+    return [f"model={model_dir}", f"out={out}", *SMALL_RUN, *extra]
+
+
+def small_config(model_dir, out, *extra: str):
+    """:func:`small_run` as a validated RunConfig."""
+    from drpo.training.config import load_config
+
+    return load_config(None, small_run(model_dir, out, *extra))
+
+
+def assert_one_line(res, code: int, needle: str) -> str:
+    """A CLI result that is one line (no traceback) containing ``needle``, exiting with ``code`` through a
+    clean exit (typer.Exit / SystemExit), not an exception that escaped."""
+    out = res.output.strip()
+    assert res.exit_code == code, (res.exit_code, out)
+    assert isinstance(res.exception, SystemExit) or (code == 0 and res.exception is None), repr(res.exception)
+    assert "Traceback" not in out and len(out.splitlines()) == 1, out
+    assert needle in out, out
+    return out

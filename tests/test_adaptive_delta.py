@@ -10,7 +10,7 @@ from drpo.objectives.adaptive import AdaptiveDeltaConfig, adapt_delta, token_del
 from drpo.training import run_io
 from drpo.training.config import ConfigError, load_config
 from drpo.training.trainer import Trainer
-from helpers import interrupt_at
+from helpers import interrupt_at, small_config
 
 
 def test_step_rule_halves_doubles_and_stays_within_bounds():
@@ -52,12 +52,8 @@ def test_delta_auto_needs_an_objective_with_delta():
 
 def test_trainer_adapts_logs_and_resumes_delta(tiny_model_dir, tmp_path, monkeypatch):
     def cfg(out, *extra):
-        return load_config(None, [
-            f"model={tiny_model_dir}", f"out={out}", "train.steps=4", "rollout.prompts_per_step=4",
-            "rollout.group_size=4", "train.minibatches=2", "rollout.max_new_tokens=6", "eval.every=0",
-            "save_every=2", "progress=false", "tensorboard=false", "train.lr=3e-2",
-            "task.reward=helpers:number_reward", "objective.params.delta=auto",
-            "objective.adaptive.target=1e-9", "objective.adaptive.low=1.0", *extra])
+        return small_config(tiny_model_dir, out, "objective.params.delta=auto", "objective.adaptive.target=1e-9",
+                            "objective.adaptive.low=1.0", *extra)
 
     Trainer(cfg(tmp_path / "full")).train()
     rows = run_io.read_metrics(tmp_path / "full" / "metrics.jsonl")

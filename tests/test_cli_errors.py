@@ -9,16 +9,26 @@ from typer.testing import CliRunner
 
 import drpo
 from drpo.cli import app
+from helpers import assert_one_line
 
 
 def one_line_error(args: list[str], needle: str) -> str:
-    res = CliRunner().invoke(app, args)
-    out = res.output.strip()
-    assert res.exit_code == 2, (res.exit_code, out)
-    assert "Traceback" not in out and res.exception is None or isinstance(res.exception, SystemExit), out
-    assert len(out.splitlines()) == 1, out
-    assert needle in out, out
-    return out
+    return assert_one_line(CliRunner().invoke(app, args), 2, needle)
+
+
+def test_the_one_line_check_can_fail():
+    """assert_one_line refuses a traceback, an escaped exception, two lines, another code, a missing needle."""
+    class Res:
+        def __init__(self, output, exit_code=2, exception=SystemExit(2)):
+            self.output, self.exit_code, self.exception = output, exit_code, exception
+
+    assert_one_line(Res("error: bad"), 2, "bad")
+    for res, needle in ((Res("Traceback (most recent call last):"), "Traceback"),
+                        (Res("error: bad", exit_code=2, exception=ValueError("x")), "bad"),
+                        (Res("error: bad\nmore"), "bad"), (Res("error: bad", exit_code=1), "bad"),
+                        (Res("error: bad"), "good")):
+        with pytest.raises(AssertionError):
+            assert_one_line(res, 2, needle)
 
 
 @pytest.mark.parametrize("overrides,needle", [

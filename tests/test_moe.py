@@ -10,6 +10,7 @@ from drpo.models.moe import experts_modules, given_routing, is_moe, routers
 from drpo.rollout.engine import HFRolloutEngine, SamplingParams
 from drpo.rollout.precision import FP8_MAX
 from drpo.training.config import ConfigError, load_config
+from helpers import small_config
 from drpo.training.logprobs import response_logprobs
 from drpo.training.trainer import Trainer
 
@@ -96,12 +97,10 @@ def test_low_precision_quantises_experts_and_keeps_the_router_in_bf16(moe):
 
 
 def test_trainer_logs_router_flips_and_replays(moe_model_dir, tmp_path):
-    base = [f"model={moe_model_dir}", "train.steps=1", "rollout.prompts_per_step=4", "rollout.group_size=4",
-            "train.minibatches=2", "rollout.max_new_tokens=6", "eval.every=0", "progress=false", "save_every=0",
-            "tensorboard=false", "task.reward=helpers:number_reward", "rollout.precision=fp8"]
     got = {}
     for replay in (False, True):
-        tr = Trainer(load_config(None, base + [f"out={tmp_path / str(replay)}", f"train.routing_replay={replay}"]))
+        tr = Trainer(small_config(moe_model_dir, tmp_path / str(replay), "train.steps=1", "save_every=0",
+                                  "train.lr=1e-4", "rollout.precision=fp8", f"train.routing_replay={replay}"))
         got[replay] = tr.step(0)
         tr.rollout.close()
     assert got[False]["rollout/router_flip_frac"] > 0

@@ -15,19 +15,9 @@ from drpo.cli import app
 from drpo.training import run_io
 from drpo.training.config import ConfigError, load_config
 from drpo.training.trainer import Trainer
-from helpers import interrupt_at
+from helpers import interrupt_at, small_config, small_run
 
-LEARNABLE = "task.reward=helpers:number_reward"
-
-
-def args(tiny_model_dir, out, *extra) -> list[str]:
-    return [f"model={tiny_model_dir}", f"out={out}", "train.steps=4", "rollout.prompts_per_step=4",
-            "rollout.group_size=4", "train.minibatches=2", "rollout.max_new_tokens=6", "eval.every=0",
-            "save_every=2", "progress=false", "tensorboard=false", "train.lr=3e-2", LEARNABLE, *extra]
-
-
-def small(tiny_model_dir, out, *extra):
-    return load_config(None, args(tiny_model_dir, out, *extra))
+args, small = small_run, small_config
 
 
 # ------------------------------------------------------------------ 1. one process per run directory

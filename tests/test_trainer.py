@@ -16,18 +16,14 @@ from drpo.cli import app
 from drpo.training import run_io, trainer as trainer_mod
 from drpo.training.config import RunConfig, load_config
 from drpo.training.trainer import Trainer, TrainingDiverged
-from helpers import interrupt_at
+from helpers import interrupt_at, small_config
 
 VOLATILE = ("time/", "throughput/")
 LEARNABLE = "task.reward=helpers:number_reward"
 
 
 def small(tiny_model_dir, out, *extra):
-    return load_config(None, [
-        f"model={tiny_model_dir}", f"out={out}", "train.steps=4", "rollout.prompts_per_step=4",
-        "rollout.group_size=4", "train.minibatches=2", "rollout.max_new_tokens=6", "eval.every=2",
-        "eval.prompts=8", "save_every=2", "progress=false", "train.lr=3e-2", "rollout.precision=fp8",
-        "tensorboard=false", LEARNABLE, *extra])
+    return small_config(tiny_model_dir, out, "eval.every=2", "rollout.precision=fp8", *extra)
 
 
 def stable_rows(path):

@@ -385,15 +385,13 @@ def test_trainer_runs_with_the_vllm_engine(vllm_model_dir, tmp_path, staleness):
     with the rollout worker (engine in the worker process, staleness 1); mismatch metrics logged."""
     _needs_vllm()
     from drpo.training import run_io
-    from drpo.training.config import load_config
     from drpo.training.trainer import Trainer
+    from helpers import small_config
 
     out = tmp_path / "run"
-    cfg = load_config(None, [f"model={vllm_model_dir}", f"out={out}", "rollout.engine=vllm", "rollout.precision=bf16",
-                             f"rollout.staleness={staleness}", "train.steps=3", "rollout.prompts_per_step=4",
-                             "rollout.group_size=4", "train.minibatches=2", "rollout.max_new_tokens=6",
-                             "eval.every=3", "eval.prompts=8", "save_every=0", "progress=false", "tensorboard=false",
-                             "threads=1", "task.reward=helpers:number_reward"])
+    cfg = small_config(vllm_model_dir, out, "rollout.engine=vllm", "rollout.precision=bf16",
+                       f"rollout.staleness={staleness}", "train.steps=3", "eval.every=3", "save_every=0", "threads=1",
+                       "train.lr=1e-4")
     Trainer(cfg).train()
     rows = run_io.read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3] and run_io.read_status(out)["state"] == "finished"

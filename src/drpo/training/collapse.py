@@ -5,9 +5,9 @@ Real LLM RL runs collapse in form as well as in accuracy. A run is *collapsed at
 
     nonfinite  the step's loss, gradient norm or mean reward is NaN or inf (the trainer then stops:
                the run diverged)
-    accuracy   its latest held-out accuracy is below ACC_FRACTION (1/2) of the best it has had so far,
+    accuracy   its latest held-out accuracy is below ACC_FRACTION (0.5) of the best it has had so far,
                step 0 included: below half of where it started, or far below its own best
-    no_eos     under EOS_MIN (1/2) of the step's responses ended with EOS (the others ran to
+    no_eos     under EOS_MIN (0.5) of the step's responses ended with EOS (the others ran to
                rollout.max_new_tokens) for EOS_STEPS (5) or more consecutive steps
     entropy    the policy's mean token entropy (``obj/entropy``) is above ENTROPY_FACTOR (4) x its
                value at the run's first step, for ENTROPY_STEPS (5) or more consecutive steps
