@@ -56,3 +56,53 @@ def assert_one_line(res, code: int, needle: str) -> str:
     assert "Traceback" not in out and len(out.splitlines()) == 1, out
     assert needle in out, out
     return out
+
+
+def raising_reward(example, response: str) -> float:
+    """A broken reward: raises on every call."""
+    raise KeyError("answer_key")
+
+
+def exiting_reward(example, response: str) -> float:
+    """A reward that ends the process (a library calling sys.exit, say)."""
+    import sys
+
+    sys.exit(3)
+
+
+def verifying_reward(example, response: str) -> float:
+    """number_reward, after a check that needs the math-verify worker process (so a run has one)."""
+    from drpo.rewards.verify import verify
+
+    verify("\\boxed{1/2}", "0.5")
+    return number_reward(example, response)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(c) for t in __import__("os").listdir(f"/proc/{p}/task")
+                    for c in open(f"/proc/{p}/task/{t}/children").read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead and not yet reaped, counts as gone)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

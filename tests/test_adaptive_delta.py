@@ -50,6 +50,7 @@ def test_delta_auto_needs_an_objective_with_delta():
         load_config(None, ["objective.params.delta=auto", "objective.adaptive.init=100"])
 
 
+@pytest.mark.slow
 def test_trainer_adapts_logs_and_resumes_delta(tiny_model_dir, tmp_path, monkeypatch):
     def cfg(out, *extra):
         return small_config(tiny_model_dir, out, "objective.params.delta=auto", "objective.adaptive.target=1e-9",
@@ -68,6 +69,7 @@ def test_trainer_adapts_logs_and_resumes_delta(tiny_model_dir, tmp_path, monkeyp
         [12.5, 6.25, 3.125, 1.5625]
 
 
+@pytest.mark.slow
 def test_fixed_delta_is_logged(tiny_model_dir, tmp_path):
     tr = Trainer(load_config(None, [f"model={tiny_model_dir}", f"out={tmp_path / 'r'}", "rollout.prompts_per_step=2",
                                     "rollout.group_size=4", "train.minibatches=1", "rollout.max_new_tokens=4",

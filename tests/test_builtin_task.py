@@ -117,6 +117,7 @@ def test_round_trip_and_decoded_response_verifies(tok, tmp_path):
     assert loaded.decode(loaded("\\boxed{357}")["input_ids"]) == "\\boxed{ 357 }"
 
 
+@pytest.mark.slow
 def test_tiny_warm_start_caches_and_loads(tmp_path, monkeypatch):
     hp = warmstart.WarmStartHParams(batch_size=4, max_steps=3, eval_every=1, n_eval=4,
                                     n_final_eval=4, max_new_tokens=4)

@@ -193,6 +193,7 @@ def two_run_grid(model_dir: str, steps: int):
                   GRID_BASE + QUICK_BASE + tuple(tiny(model_dir)) + (f"train.steps={steps}",))
 
 
+@pytest.mark.slow
 def test_skip_resume_restart_and_states_on_disk(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "grid"
     g = two_run_grid(tiny_model_dir, steps=4)
@@ -232,6 +233,7 @@ def test_skip_resume_restart_and_states_on_disk(tiny_model_dir, tmp_path, monkey
     assert run_io.read_status(out / done.slug)["state"] == "finished"
 
 
+@pytest.mark.slow
 def test_a_run_folder_in_use_is_never_moved(tiny_model_dir, tmp_path):
     out = tmp_path / "grid"
     run = two_run_grid(tiny_model_dir, steps=2).runs[0]

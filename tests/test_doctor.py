@@ -157,6 +157,7 @@ def test_v1_without_transfer_queue(monkeypatch):
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow
 def test_probe_sees_what_a_fresh_verl_process_sees():
     """The real probe (a subprocess): drpo's losses registered by verl's plug-in loader, a failing
     trainer import reported, and the losses missing when VERL_USE_EXTERNAL_PLUGINS turns the
@@ -205,6 +206,7 @@ def test_doctor_verl_real_environment():
     assert traps <= env_traps and result.exit_code == (1 if traps else 0)
 
 
+@pytest.mark.slow
 def test_doctor_is_a_lazy_typer_sub_app():
     """cli.py mounts it with app.add_typer(doctor_app, name="doctor"): importing it loads neither
     verl nor TRL."""

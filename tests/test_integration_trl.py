@@ -49,6 +49,7 @@ def make_trainer(cls: type, tmp_path, **kwargs) -> GRPOTrainer:
                processing_class=tok, **kwargs)
 
 
+@pytest.mark.slow
 def test_drpo_trainer_trains_and_logs(tmp_path):
     trainer = make_trainer(DRPOGRPOTrainer, tmp_path, objective="drpo", objective_params={"delta": 12.5})
     before = [p.detach().clone() for p in trainer.model.parameters()]
@@ -96,6 +97,7 @@ def _loss_and_grad(trainer: GRPOTrainer, inputs: dict) -> tuple[float, torch.Ten
     return float(loss.detach()), grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "trl_config, ours",
     [
@@ -149,6 +151,7 @@ class _RecordingDict(dict):
         return super().__contains__(key)
 
 
+@pytest.mark.slow
 def test_trl_generation_builds_what_compute_loss_reads(tmp_path):
     """TRL's real _generate_and_score_completions (tiny model, CPU) builds every key
     DRPOGRPOTrainer._compute_loss needs, including the old policy's log-probs when a generation

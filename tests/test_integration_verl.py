@@ -60,6 +60,7 @@ def record(pair: str, loss_err: float, grad_err: float) -> None:
     print(f"XCHECK {pair} loss_err={loss_err:.3e} grad_err={grad_err:.3e}")
 
 
+@pytest.mark.slow
 def test_entry_point_registers_at_import_of_verl():
     code = ("import verl; from verl.trainer.ppo.core_algos import get_policy_loss_fn; "
             "print(get_policy_loss_fn('drpo').drpo_objective)")

@@ -269,6 +269,7 @@ def assert_grads_equal(verl_grads: dict, ref_grads: dict) -> float:
     return worst
 
 
+@pytest.mark.slow
 def test_two_verl_steps_follow_drpo_and_delta(verl_cpu, tiny_model_dir):
     """2 verl training steps with delta 12.5 (the documented value) and 1 with delta 0.15: each
     gradient verl steps with equals drpo.policy_loss's on the same batch, and delta changes it."""
@@ -303,6 +304,7 @@ def test_two_verl_steps_follow_drpo_and_delta(verl_cpu, tiny_model_dir):
     assert diff > 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_micro_batches_equal_one_full_batch(verl_cpu, tiny_model_dir, agg):
     """verl's global_batch_info normalisation: 4 micro-batches of 1 sequence and 1 of 4 step with

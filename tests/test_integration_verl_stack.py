@@ -28,6 +28,7 @@ def test_every_verl_trainer_imports():
     assert env.transfer_queue and env.plugin_error is None
 
 
+@pytest.mark.slow
 def test_main_ppo_starts_with_the_recipe_overrides():
     """`python -m verl.trainer.main_ppo` with the recipe's overrides: verl's Hydra entry point (with
     our plug-in loaded by `import verl`) composes the job; `--cfg job` stops before Ray."""

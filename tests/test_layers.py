@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "integrations": {"utils", "objectives", "ops", "tasks", "rewards", "models", "rollout", "evaluation", "training"},
     "cli": {"utils", "objectives", "ops", "tasks", "rewards", "models", "builtin", "rollout", "evaluation",
             "training", "experiments", "integrations"},
-    "__init__": {"objectives", "rewards"},
+    "__init__": {"utils", "objectives", "rewards"},
 }
 
 

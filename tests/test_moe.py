@@ -96,6 +96,7 @@ def test_low_precision_quantises_experts_and_keeps_the_router_in_bf16(moe):
     assert any(not torch.equal(p, ref[n]) for n, p in eng.model.named_parameters() if "experts" in n)
 
 
+@pytest.mark.slow
 def test_trainer_logs_router_flips_and_replays(moe_model_dir, tmp_path):
     got = {}
     for replay in (False, True):

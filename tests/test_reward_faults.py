@@ -175,6 +175,7 @@ def test_rewards_run_in_the_callers_thread():
     assert seen == [threading.current_thread()] * 6
 
 
+@pytest.mark.slow
 def test_a_reward_using_math_verify_directly_is_unchanged():
     """math-verify's own timeouts set SIGALRM (main thread only): same rewards with and without the limit."""
     from math_verify import parse, verify
@@ -257,6 +258,7 @@ def test_healthy_rewards_are_identical_with_and_without_the_limit():
     assert score_batch(math_reward, exs, responses)[0] == score_batch(math_reward, exs, responses, timeout_s=None)[0]
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_reward_timeout_existed_can_resume():
     from drpo.training.run_io import check_resume_config
 

@@ -21,6 +21,7 @@ args, small = small_run, small_config
 
 
 # ------------------------------------------------------------------ 1. one process per run directory
+@pytest.mark.slow
 def test_a_second_trainer_on_a_locked_run_directory_is_refused(tiny_model_dir, tmp_path):
     out = tmp_path / "r"
     first = Trainer(small(tiny_model_dir, out))
@@ -31,6 +32,7 @@ def test_a_second_trainer_on_a_locked_run_directory_is_refused(tiny_model_dir, t
     assert yaml.safe_load((out / "config.yaml").read_text())["objective"]["name"] == "drpo"
 
 
+@pytest.mark.slow
 def test_a_second_process_exits_at_once_with_a_clear_line(tiny_model_dir, tmp_path):
     out = tmp_path / "r"
     holder = Trainer(small(tiny_model_dir, out))  # holds the lock in this process
@@ -45,6 +47,7 @@ def test_a_second_process_exits_at_once_with_a_clear_line(tiny_model_dir, tmp_pa
     assert not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tiny_model_dir, tmp_path):
     out = tmp_path / "r"
     out.mkdir()
@@ -57,6 +60,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tiny_model_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ 2. resume only what was run
+@pytest.mark.slow
 def test_resume_refuses_a_changed_configuration_and_names_the_keys(tiny_model_dir, tmp_path):
     out = tmp_path / "r"
     Trainer(small(tiny_model_dir, out)).train()
@@ -73,6 +77,7 @@ def test_resume_refuses_a_changed_configuration_and_names_the_keys(tiny_model_di
         Trainer(small(tiny_model_dir, out, "train.steps=2"), resume=True)
 
 
+@pytest.mark.slow
 def test_resume_with_more_steps_and_other_eval_settings_continues(tiny_model_dir, tmp_path):
     out = tmp_path / "r"
     Trainer(small(tiny_model_dir, out)).train()
@@ -83,6 +88,7 @@ def test_resume_with_more_steps_and_other_eval_settings_continues(tiny_model_dir
     assert [r["step"] for r in run_io.read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_cli_resume_without_overrides_uses_the_saved_configuration(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "r"
     interrupt_at(monkeypatch, 3)
@@ -96,6 +102,7 @@ def test_cli_resume_without_overrides_uses_the_saved_configuration(tiny_model_di
 
 
 # ------------------------------------------------------------------ 3. stopped before the first checkpoint
+@pytest.mark.slow
 def test_resume_starts_over_when_there_is_no_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "r"
     interrupt_at(monkeypatch, 1)  # after step 1 was logged, before the step-2 checkpoint
@@ -127,6 +134,7 @@ def test_objective_parameters_are_checked_when_the_config_loads(override, needle
         load_config(f)
 
 
+@pytest.mark.slow
 def test_a_prompt_over_the_limit_fails_before_anything_is_written(tiny_model_dir, tmp_path):
     out = tmp_path / "r"
     with pytest.raises(ValueError, match="task.max_prompt_tokens=3"):
@@ -142,6 +150,7 @@ def test_max_prompt_tokens_beyond_the_model_positions_is_refused(tiny_model_dir,
 
 
 # ------------------------------------------------------------------ 4. Ctrl-C
+@pytest.mark.slow
 def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "r"
     interrupt_at(monkeypatch, 2)
@@ -154,6 +163,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tiny_model_dir, tmp
 
 
 # ------------------------------------------------------------------ 5. unreadable checkpoints
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate_model", "empty_state"])
 def test_resume_falls_back_past_a_corrupted_checkpoint(tiny_model_dir, tmp_path, monkeypatch, damage):
     out = tmp_path / "r"
@@ -176,6 +186,7 @@ def test_resume_falls_back_past_a_corrupted_checkpoint(tiny_model_dir, tmp_path,
 
 
 # ------------------------------------------------------------------ 6. no held-out set
+@pytest.mark.slow
 def test_jsonl_task_without_eval_path_finishes_with_a_clear_summary(tiny_model_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join('{"problem": "Q : compute %d + 1 . A :", "answer": "%d"}' % (i, i + 1) for i in range(6)))

@@ -53,6 +53,7 @@ def test_extract_boxed_is_linear_on_deep_nesting():
     assert time.monotonic() - start < 2.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("pred", "gold", "expected"),
     [
@@ -79,6 +80,7 @@ def test_verify_equivalence(pred, gold, expected):
     assert verify(f"The answer is $\\boxed{{{pred}}}$.", gold) is expected
 
 
+@pytest.mark.slow
 def test_verify_uses_last_boxed_and_needs_one():
     assert verify(r"\boxed{1} no wait \boxed{2}", "2")
     assert not verify(r"\boxed{2} no wait \boxed{1}", "2")
@@ -100,6 +102,7 @@ def test_verify_bad_input(args, kwargs, message):
         verify(*args, **kwargs)
 
 
+@pytest.mark.slow
 def test_verify_in_a_thread():
     results: list[bool] = []
     thread = threading.Thread(target=lambda: results.append(verify(r"\boxed{\frac{1}{2}}", "0.5")))
@@ -108,6 +111,7 @@ def test_verify_in_a_thread():
     assert results == [True]
 
 
+@pytest.mark.slow
 def test_verify_in_a_thread_pool():
     responses = [f"\\boxed{{{i}}}" for i in range(12)]
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -124,6 +128,7 @@ ADVERSARIAL = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ADVERSARIAL)
 def test_adversarial_input_is_bounded(name):
     timeout_s = 1.0
@@ -134,6 +139,7 @@ def test_adversarial_input_is_bounded(name):
     assert elapsed < timeout_s + SLACK_S
 
 
+@pytest.mark.slow
 def test_hard_deadline_kills_the_worker():
     """Below one second the worker's own (whole-second) signal timeouts cannot fire, so this
     exercises the parent's deadline: kill the worker, answer False, keep working."""
@@ -161,6 +167,7 @@ EXPENSIVE_CALLERS = min(os.cpu_count() or 1, 8) + 2
 CHEAP_WAIT_BOUND_S = 1.0  # half the per-check timeout in the two tests below
 
 
+@pytest.mark.slow
 def test_cheap_check_is_not_queued_behind_expensive_ones():
     """While EXPENSIVE_CALLERS threads each run a power tower (timeout_s = 2 s; each holds a
     worker 1.5-1.9 s), cheap checks from another thread must each return in under
@@ -219,6 +226,7 @@ def _settle_and_close(pool) -> None:
     pool.close()
 
 
+@pytest.mark.slow
 def test_cheap_check_is_not_queued_behind_checks_that_run_to_the_deadline(monkeypatch):
     """From a cold pool, 3 x EXPENSIVE_CALLERS threads hold workers until their 2 s deadline
     kills them; a cheap check from another thread must still return in under
@@ -254,6 +262,7 @@ def test_cheap_check_is_not_queued_behind_checks_that_run_to_the_deadline(monkey
     assert wait < CHEAP_WAIT_BOUND_S
 
 
+@pytest.mark.slow
 def test_waiting_call_takes_a_freed_worker_before_its_own_new_one(monkeypatch):
     """A call that had a worker started (its only one is busy past SPAWN_AFTER_S) still takes
     the busy one as soon as it comes free (after 0.5 s) when the new one takes 2 s to start;
@@ -284,6 +293,7 @@ def test_waiting_call_takes_a_freed_worker_before_its_own_new_one(monkeypatch):
         _settle_and_close(pool)
 
 
+@pytest.mark.slow
 def test_forked_child_gets_its_own_pool():
     parent_pool = verify_module._get_pool()
     pid = os.fork()
@@ -295,6 +305,7 @@ def test_forked_child_gets_its_own_pool():
     assert verify(r"\boxed{0.5}", r"\frac{1}{2}")  # the parent's pool still works
 
 
+@pytest.mark.slow
 def test_worker_that_cannot_start_is_an_error_not_a_silent_false(monkeypatch):
     monkeypatch.setattr(verify_module, "_WORKER_SOURCE", "import sys; sys.exit(3)")
     monkeypatch.setattr(verify_module, "_pool", None)
@@ -329,6 +340,7 @@ def _math_verify(pred: str, gold: str) -> bool:
     return verify_module._get_pool().check(pred, gold, 5.0)
 
 
+@pytest.mark.slow
 def test_math500_reference_solutions_agree_with_answers():
     """Each MATH-500 reference solution's last boxed answer must verify against its `answer`.
 
@@ -349,6 +361,7 @@ def test_math500_reference_solutions_agree_with_answers():
     assert rate >= 0.99
 
 
+@pytest.mark.slow
 def test_math500_mismatched_pairs_disagree():
     """Negative control for the test above: solution i against answer i+1 must almost never
     verify (a checker that accepts everything would pass the agreement test)."""
@@ -412,6 +425,7 @@ def _perturbations(gold: str) -> set[str]:
     } - {gold}
 
 
+@pytest.mark.slow
 def test_fast_path_is_never_true_where_math_verify_is_false():
     """NEAR_MISSES and the rewritings of every distinct MATH-500 gold. Measured: 763 fast-path
     Trues, none that math-verify calls False (about 2 s of math-verify)."""
@@ -439,6 +453,7 @@ def test_trivial_match_needs_no_worker(monkeypatch):
     assert verify(r"\boxed{025}", "25")
 
 
+@pytest.mark.slow
 def test_pool_grows_past_the_core_count_and_shrinks_when_idle(monkeypatch):
     """KEEP_WORKERS + 2 concurrent checks that each hold a worker for 1 s all run at once (the
     old pool ran KEEP_WORKERS at a time); the extra workers are closed once idle too long."""
@@ -460,6 +475,7 @@ def test_pool_grows_past_the_core_count_and_shrinks_when_idle(monkeypatch):
         _settle_and_close(pool)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pred,gold", [("25", "025"), ("7", "8"), ("-3", "3"), ("+4", "4"), ("0", "-0"),
                                        ("1000000", "1000000"), ("12", "120"), ("-0012", "-12")])
 def test_plain_integers_are_compared_by_value_as_math_verify_does(pred, gold):

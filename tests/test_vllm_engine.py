@@ -233,6 +233,7 @@ def _generate_in_child(model_dir: str, seed: int) -> tuple[torch.Tensor, torch.T
     return b.response_ids, b.behavior_log_prob
 
 
+@pytest.mark.slow
 def test_engine_in_a_spawned_worker_gives_the_same_samples(engine, vllm_model_dir):
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
         ids, mu = pool.submit(_generate_in_child, vllm_model_dir, 5).result(timeout=240)
@@ -243,6 +244,7 @@ def test_engine_in_a_spawned_worker_gives_the_same_samples(engine, vllm_model_di
 
 # --- (c) weight sync ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sync_pushes_the_new_weights_into_the_running_engine(engine, hf_model):
     b = _gen(engine, SamplingParams(temperature=1.0, max_new_tokens=16, n=2))
     new = copy.deepcopy(hf_model).train()
@@ -364,6 +366,7 @@ def test_missing_vllm_is_a_one_line_error_saying_how_to_fix_it(monkeypatch, hf_m
     assert str(err.value).startswith(MISSING_VLLM) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_importing_the_rollout_package_does_not_import_vllm():
     code = ("import sys, drpo.rollout, drpo.rollout.engine, drpo.rollout.vllm_engine; "
             "assert 'vllm' not in sys.modules, 'vllm imported'")
@@ -379,6 +382,7 @@ def test_more_prompt_tokens_than_one_default_batch(engine):
     assert len(b) == 256 and b.prompt_index.tolist() == list(range(256))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_trainer_runs_with_the_vllm_engine(vllm_model_dir, tmp_path, staleness):
     """`drpo train rollout.engine=vllm` end to end: synchronous (engine in the trainer's process) and

@@ -61,7 +61,8 @@ def train(
     """Run RL training (default: DRPO on the built-in arithmetic task with the built-in model)."""
     from drpo.training.config import load_config
     from drpo.training.lifecycle import Terminated
-    from drpo.training.trainer import Trainer, default_out
+    from drpo.training.lifecycle import default_out
+    from drpo.training.trainer import Trainer
 
     items = list(overrides or [])
     if model is not None:
@@ -77,7 +78,7 @@ def train(
     except _user_errors() as e:
         _fail(str(e))
     if cfg.out is None:
-        cfg.out = default_out(cfg)
+        cfg.out = default_out(cfg.objective.name)
     try:
         trainer = Trainer(cfg, resume=resume, notify=lambda msg: typer.secho(msg, fg=typer.colors.YELLOW, err=True))
     except _user_errors() as e:

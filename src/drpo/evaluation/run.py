@@ -5,6 +5,7 @@ from typing import Callable, Optional
 
 import torch
 
+from drpo.evaluation.config import EvalConfig
 from drpo.evaluation.metrics import EvalResult, GenerateFn, evaluate
 from drpo.models.text import TextCodec
 from drpo.rollout.engine import RolloutBatch, SamplingParams
@@ -24,6 +25,21 @@ def make_generate_fn(generate_ids: GenerateIds, codec: TextCodec, params: Sampli
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     return generate
+
+
+def heldout_metrics(generate_ids: GenerateIds, codec: TextCodec, examples: list[Example], cfg: EvalConfig,
+                    reward_fn, *, max_new_tokens: int, reward_timeout: Optional[float]) -> dict[str, float]:
+    """A trainer's held-out evaluation: avg@``cfg.samples`` of ``examples`` sampled by ``generate_ids`` (the
+    deployed rollout engine, at its precision, with a fixed seed) at ``cfg.temperature``, all prompts in one
+    engine call (the engine splits it by rollout.max_batch). Returns ``eval/accuracy`` and ``eval/length_mean``
+    (characters of the decoded responses); ``max_new_tokens`` when ``cfg.max_new_tokens`` is unset."""
+    if not examples:
+        raise ValueError("no held-out prompts to evaluate on (set task.eval_path)")
+    params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens or max_new_tokens)
+    res = evaluate(make_generate_fn(generate_ids, codec, params), examples, k=cfg.samples, reward_fn=reward_fn,
+                   batch_size=len(examples), progress=False, reward_timeout=reward_timeout)
+    lengths = [len(r) for row in res.per_example for r in row["responses"]]
+    return {"eval/accuracy": res.avg_at_k, "eval/length_mean": sum(lengths) / max(len(lengths), 1)}
 
 
 def load_examples(benchmark: str, *, question_field: str, answer_field: str, limit: Optional[int]) -> list[Example]:

@@ -68,12 +68,9 @@ def plan(run: Run, out: Path) -> str:
 
 def execute(run: Run, out: Path, action: str) -> None:
     """Run (or resume) one run to its end, in its own process; how it ended is in its status file."""
-    from transformers.utils import logging as hf_logging
-
     from drpo.training.trainer import Trainer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the grid's: it stops this run with SIGTERM
-    hf_logging.disable_progress_bar()  # checkpoint-writing bars would drown the grid's own bar
     run_dir = out / run.slug
     if action == "restart":
         try:

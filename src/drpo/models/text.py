@@ -25,6 +25,26 @@ class PromptTooLong(ValueError):
 
 
 class TextCodec:
+    @classmethod
+    def for_model(cls, tokenizer, model, *, chat_template: bool, max_prompt_tokens: Optional[int],
+                  max_new_tokens: int) -> "TextCodec":
+        """A codec whose prompt limit is ``max_prompt_tokens`` (task.max_prompt_tokens), checked against the
+        model's positions; by default all the positions that ``max_new_tokens`` (rollout.max_new_tokens)
+        leaves. Impossible limits are a ValueError naming the keys."""
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        limit, source = max_prompt_tokens, "task.max_prompt_tokens"
+        if positions is not None:
+            if max_new_tokens >= positions:
+                raise ValueError(f"rollout.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                                 f"{positions} positions")
+            if limit is not None and limit + max_new_tokens > positions:
+                raise ValueError(f"task.max_prompt_tokens={limit} + rollout.max_new_tokens={max_new_tokens} exceeds "
+                                 f"the model's {positions} positions (max_position_embeddings); lower "
+                                 f"task.max_prompt_tokens to at most {positions - max_new_tokens}")
+            if limit is None:
+                limit, source = positions - max_new_tokens, "the model's positions minus rollout.max_new_tokens"
+        return cls(tokenizer, chat_template=chat_template, max_prompt_tokens=limit, limit_source=source)
+
     def __init__(self, tokenizer, *, chat_template: bool = False, max_prompt_tokens: Optional[int] = None,
                  limit_source: str = "task.max_prompt_tokens") -> None:
         self.tokenizer = tokenizer

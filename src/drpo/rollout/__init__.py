@@ -6,8 +6,8 @@ staleness; :mod:`drpo.rollout.service`) with a :class:`Collector` (prompts -> en
 from drpo.rollout.collect import Collected, Collector
 from drpo.rollout.engine import EngineUnavailable, HFRolloutEngine, RolloutBatch, SamplingParams
 from drpo.rollout.factory import make_engine, require_engine
-from drpo.rollout.precision import use_bf16_compute_
+from drpo.rollout.precision import trainer_precision_, use_bf16_compute_
 from drpo.rollout.service import RolloutWorkerError, build_rollout
 
 __all__ = ["Collected", "Collector", "EngineUnavailable", "HFRolloutEngine", "RolloutBatch", "SamplingParams",
-           "make_engine", "require_engine", "use_bf16_compute_", "RolloutWorkerError", "build_rollout"]
+           "make_engine", "require_engine", "trainer_precision_", "use_bf16_compute_", "RolloutWorkerError", "build_rollout"]

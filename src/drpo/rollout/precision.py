@@ -45,7 +45,7 @@ some tokens against an fp32 trainer.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -246,3 +246,16 @@ def use_bf16_compute_(model: nn.Module, *, round_weights: bool) -> None:
         m._drpo_round_weight = round_weights
         m.forward = types.MethodType(_bf16_experts_forward, m)
     install_routing_hooks(model, round_fn=RoundSTE.apply)
+
+
+def trainer_precision_(model: nn.Module, precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """Set up the trainer's own precision (``train.precision``): fp32 leaves the model as is; bf16 on CUDA
+    returns torch.bfloat16 for autocast (real bf16 compute, fp32 master weights); bf16 on a CPU, which has no
+    fast bf16, simulates it by rounding (:func:`use_bf16_compute_`, straight-through gradients) and returns
+    None. Call it after the rollout engine copied the fp32 weights."""
+    if precision != "bf16":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16
+    use_bf16_compute_(model, round_weights=True)
+    return None

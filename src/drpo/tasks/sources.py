@@ -17,6 +17,7 @@ from drpo.utils.seeding import SALT_DATA_ORDER, SALT_TRAIN_PROMPTS, step_seed
 class PromptSource(Protocol):
     def train_batch(self, step: int, n: int) -> list[Example]: ...
     def heldout(self, n: int) -> list[Example]: ...
+    def examples_to_check(self, batch: int, heldout: int) -> list[Example]: ...
 
 
 class ArithmeticPrompts:
@@ -31,6 +32,11 @@ class ArithmeticPrompts:
 
     def heldout(self, n: int) -> list[Example]:
         return self.task.heldout(n)
+
+    def examples_to_check(self, batch: int, heldout: int) -> list[Example]:
+        """What a run checks before it starts (prompt lengths): the first batch and ``heldout`` held-out
+        prompts (the task makes them as it goes; these show a prompt limit that is too low)."""
+        return self.train_batch(0, batch) + self.heldout(heldout)
 
 
 class JsonlPrompts:
@@ -56,6 +62,10 @@ class JsonlPrompts:
 
     def heldout(self, n: int) -> list[Example]:
         return self._heldout[:n]
+
+    def examples_to_check(self, batch: int, heldout: int) -> list[Example]:
+        """Every example of the dataset, and ``heldout`` held-out ones: all are known up front."""
+        return self.train + self.heldout(heldout)
 
 
 def make_prompts(task: TaskConfig, seed: int) -> PromptSource:

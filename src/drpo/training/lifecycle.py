@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from datetime import datetime
 import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from drpo.models import load_state
 from drpo.rewards import RewardError
 from drpo.rollout import RolloutWorkerError
 from drpo.training import run_io
-from drpo.training.collapse import detect_collapse
+from drpo.training.collapse import CollapseMonitor, CollapseState, detect_collapse
 
 
 class Terminated(KeyboardInterrupt):
@@ -59,14 +61,32 @@ CAUSES: dict[type, str] = {RolloutWorkerError: "rollout_worker", RewardError: "r
 ONE_LINE_STOPS = (TrainingDiverged, RunCollapsed, RunFailed, run_io.DiskFull, *CAUSES)
 
 
+def default_out(objective: str) -> str:
+    """The run directory when none is given: runs/<objective>-<date-time>."""
+    return f"runs/{objective}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def progress_line(m: dict[str, Any], collapse: CollapseState) -> dict[str, str]:
+    """The figures of a step shown in the progress bar: reward, held-out accuracy, and a collapse."""
+    return {"reward": f"{m['reward/mean']:.3f}", **({"acc": f"{m['eval/accuracy']:.3f}"} if "eval/accuracy" in m
+                                                    else {}), **({"collapsed": f"since step {collapse.began}"}
+                                                                 if collapse.now else {})}
+
+
 class RunLifecycle:
-    def __init__(self, out: Path, *, resume: bool, notify: Callable[[str], None] = print) -> None:
+    def __init__(self, out: Path, *, resume: bool, notify: Callable[[str], None] = print,
+                 progress: bool = True) -> None:
         self.out, self.notify = Path(out), notify
+        if not progress:  # transformers' loading/saving bars too: a quiet run prints only what it has to say
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         self.out.mkdir(parents=True, exist_ok=True)
         self.lock = run_io.RunLock(self.out)
         self.checkpoint: Optional[tuple[Path, dict[str, Any]]] = None  # (folder, contents) to resume from
         self.last_checkpoint: Optional[int] = None
         self.last_step = 0
+        self.info: dict[str, Any] = {}  # written into every status (e.g. the torch thread count)
         self._log: Optional[run_io.MetricsLog] = None
         self._term_requested = False
         try:
@@ -80,7 +100,8 @@ class RunLifecycle:
             self.notify(f"note: took over the lock of {self.out} left by process {self.lock.previous_owner}, "
                         "which is no longer running")
         if (self.out / "metrics.jsonl").exists() and not resume:
-            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose "
+                                  "another --out")
         if not resume:
             return
         self.checkpoint = run_io.latest_valid_checkpoint(self.out, warn=self.notify)
@@ -95,27 +116,36 @@ class RunLifecycle:
             state = self.checkpoint[1]["state"]
             run_io.check_resume_config(state["config"], wanted, int(state["step"]))
 
-    def resumed(self, step: int) -> None:
-        """The trainer restored the checkpoint of ``step``: rows logged after it are set aside."""
-        ckpt = self.checkpoint[0] if self.checkpoint else None
-        if ckpt is not None and ckpt != run_io.latest_checkpoint(self.out):
+    def restore(self, model, optimizer, scheduler) -> tuple[int, dict[str, Any], dict]:
+        """Load the checkpoint found at open into ``model``, ``optimizer``, ``scheduler`` and the RNGs; set aside
+        the rows logged after it. Returns (its step, its extra state, the rollout versions it holds)."""
+        ckpt, data = self.checkpoint
+        if ckpt != run_io.latest_checkpoint(self.out):
             self.notify(f"note: resuming from {ckpt.name}, the newest checkpoint that can be read")
-        self.last_step = self.last_checkpoint = step
+        load_state(model, data["model"], where=str(ckpt))
+        optimizer.load_state_dict(data["optimizer"]["optimizer"])
+        scheduler.load_state_dict(data["optimizer"]["scheduler"])
+        run_io.set_rng_state(data["state"]["rng"])
+        step = self.last_step = self.last_checkpoint = int(data["state"]["step"])
         run_io.set_aside_metrics_after(self.out, step)
         self.checkpoint = None  # restored: the trainer holds it now
+        return step, data["state"], data["rollout_versions"]
 
     # ------------------------------------------------------------------ while running
     @contextlib.contextmanager
     def running(self, start_step: int, tensorboard: bool) -> Iterator["RunLifecycle"]:
         """Status ``running`` for the block; the status on the way out says how it ended (module docstring)."""
         self._log = run_io.MetricsLog(self.out, tensorboard=tensorboard)
-        run_io.write_status(self.out, "running", step=start_step)
+        self._watch = CollapseMonitor()
+        for row in run_io.read_metrics(self.out / "metrics.jsonl"):  # a resumed run's earlier steps
+            self._watch.update(row["step"], row)
+        run_io.write_status(self.out, "running", step=start_step, **self.info)
         installed, previous = self._handle_sigterm()
         try:
             yield self
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
             run_io.write_status(self.out, "interrupted", step=self.last_step, checkpoint=self.last_checkpoint,
-                                signal="SIGTERM" if isinstance(e, Terminated) else "SIGINT")
+                                signal="SIGTERM" if isinstance(e, Terminated) else "SIGINT", **self.info)
             raise
         except TrainingDiverged as e:
             self._fail("failed", e, cause="diverged")
@@ -137,7 +167,7 @@ class RunLifecycle:
             self._fail("failed", e, cause="exception", reason=f"{type(e).__name__}: {e}")
             raise
         else:
-            run_io.write_status(self.out, "finished", step=self.last_step)
+            run_io.write_status(self.out, "finished", step=self.last_step, **self.info)
         finally:
             if installed:
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
@@ -146,7 +176,7 @@ class RunLifecycle:
             self.lock.release()
 
     def _fail(self, state: str, e: BaseException, *, reason: Optional[str] = None, **info: Any) -> None:
-        run_io.write_status(self.out, state, step=self.last_step, reason=reason or str(e), **info)
+        run_io.write_status(self.out, state, step=self.last_step, reason=reason or str(e), **info, **self.info)
 
     def _handle_sigterm(self):
         """SIGTERM asks the loop to stop after the current step (see :meth:`stop_requested`); a second
@@ -165,11 +195,18 @@ class RunLifecycle:
         """A SIGTERM arrived: the caller checkpoints the step it finished and raises :class:`Terminated`."""
         return self._term_requested
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
+    def log(self, step: int, metrics: dict[str, Any]) -> CollapseState:
+        """Write ``step``'s metrics; returns the collapse watch's verdict so far (drpo.training.collapse),
+        said once with ``notify`` when a collapse begins."""
         assert self._log is not None, "log() outside running()"
         self._log.write(step, metrics)
         self.last_step = step
-        run_io.write_status(self.out, "running", step=step)
+        run_io.write_status(self.out, "running", step=step, **self.info)
+        was = self._watch.state.collapsed
+        state = self._watch.update(step, metrics)
+        if state.collapsed and not was:
+            self.notify(f"warning: collapsed at step {state.began}: {state.reason}")
+        return state
 
     def save(self, step: int, model, tokenizer, optimizer, scheduler, extra: dict[str, Any],
              rollout_versions: dict) -> Path:

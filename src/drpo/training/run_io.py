@@ -41,10 +41,6 @@ import numpy as np
 import torch
 
 
-class DiskFull(OSError):
-    """No space left on the device while writing a run's file; the message names the path."""
-
-
 class RunLocked(RuntimeError):
     """Another live process is running in this run directory."""
 

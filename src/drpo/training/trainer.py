@@ -5,60 +5,46 @@
     -> group advantages -> K minibatch optimiser steps on drpo.policy_loss(objective)
     -> publish the new weights to the rollout engine -> metrics
 
-:meth:`Trainer.update` is the optimisation, CleanRL style: for each minibatch, for each micro-batch,
-:meth:`Trainer.micro_batch_loss` (forward + objective), backward; then clip and step. Metrics are
-combined by the reductions they declare (:mod:`drpo.training.metrics`); each phase is timed
-(``time/rollout``, ``time/reward``, ``time/logprob``, ``time/loss``, ``time/backward``,
-``time/optimizer``, ``time/publish``, ``time/eval``, ``time/step``). :meth:`Trainer.train` is the loop:
-steps, held-out evaluation, checkpoints and the collapse watch (:mod:`drpo.training.collapse`); the
-run directory around it -- lock, resume, status, checkpoints, summary -- is
-:class:`~drpo.training.lifecycle.RunLifecycle`.
-
-All randomness is derived from (seed, step), and checkpoints hold model, optimiser, scheduler and
-RNG states (and the policy versions a stale rollout still needs), so a run resumed from a
-checkpoint logs the same numbers as an uninterrupted one.
+:meth:`Trainer.update` is the optimisation, CleanRL style: per minibatch, per micro-batch
+:meth:`Trainer.micro_batch_loss` (forward + objective), backward; then clip and step. Every phase is
+timed (``time/*``). :meth:`Trainer.train` is the loop: steps, held-out evaluation, checkpoints; the run
+directory around it (lock, resume, status, the collapse watch, summary) is
+:class:`~drpo.training.lifecycle.RunLifecycle`. All randomness derives from (seed, step) and
+checkpoints hold every state, so a resumed run logs the numbers of an uninterrupted one.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from drpo.evaluation import evaluate, make_generate_fn
-from drpo.models import RoutingStats, TextCodec, given_routing, is_moe, load_policy, load_state, max_positions
+from drpo.evaluation import heldout_metrics
+from drpo.models import RoutingStats, TextCodec, given_routing, is_moe, load_policy
 from drpo.objectives import NonFiniteInput, adapt_delta, policy_loss
 from drpo.objectives.metrics import MISMATCH_KEYS, MU_TAIL
 from drpo.rewards import RewardFailureGuard, get_reward
-from drpo.rollout import Collector, RolloutBatch, SamplingParams, build_rollout, require_engine, use_bf16_compute_
+from drpo.rollout import Collector, RolloutBatch, build_rollout, require_engine, trainer_precision_
 from drpo.tasks import make_prompts
-from drpo.training import run_io
 from drpo.training.advantages import group_advantages
-from drpo.training.collapse import CollapseMonitor
 from drpo.training.config import RunConfig, dump_config
-from drpo.training.lifecycle import RunCollapsed, RunLifecycle, Terminated, TrainingDiverged
+from drpo.training.lifecycle import RunCollapsed, RunLifecycle, Terminated, TrainingDiverged, default_out, progress_line
 from drpo.training.logprobs import response_logprobs
 from drpo.training.metrics import Clock, MetricAccumulator
+from drpo.training.optim import make_optimizer
 from drpo.training.threads import apply_thread_policy
 from drpo.utils.seeding import SALT_EVAL_SAMPLING, SALT_MINIBATCH_ORDER, step_seed
 
 
 @dataclass
 class LossInputs:
-    """Everything :func:`drpo.policy_loss` takes per row of a batch, built once per batch.
-
-    behavior_log_prob  log of the trust region's anchor (N, R): the rollout's mu, or a recomputed old policy
-    advantages         (N,)
-    extra              further row-indexed keyword inputs (e.g. ``rollout_log_prob`` for rollout
-                       correction); a new feature adds an entry here, not a branch in the loop
-    fixed              keyword arguments that are the same for every micro-batch
-    """
+    """What :func:`drpo.policy_loss` takes per row of a batch, built once per batch: the anchor's log-prob
+    ``behavior_log_prob`` (N, R) (the rollout's mu, or a recomputed old policy), ``advantages`` (N,), further
+    row-indexed inputs in ``extra`` (a new feature adds an entry, not a branch), and ``fixed`` keywords."""
 
     behavior_log_prob: torch.Tensor
     advantages: torch.Tensor
@@ -70,18 +56,13 @@ class LossInputs:
         return {**{k: v[idx].to(device) for k, v in take.items()}, **self.fixed}
 
 
-def default_out(cfg: RunConfig) -> str:
-    return f"runs/{cfg.objective.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, notify=print) -> None:
-        """Set up a run in ``cfg.out`` (or, with ``resume``, continue the one there). Everything the
-        configuration can get wrong is checked here, before the first step; nothing but the lock
-        file is written before those checks pass."""
-        cfg.out = cfg.out or default_out(cfg)
+        """Set up a run in ``cfg.out`` (with ``resume``, continue the one there). Everything the configuration
+        can get wrong is checked here; nothing but the lock file is written before those checks pass."""
+        cfg.out = cfg.out or default_out(cfg.objective.name)
         self.cfg, self.notify = cfg, notify
-        self.life = RunLifecycle(Path(cfg.out), resume=resume, notify=notify)
+        self.life = RunLifecycle(Path(cfg.out), resume=resume, notify=notify, progress=cfg.progress)
         try:
             self._set_up()
         except BaseException:
@@ -91,7 +72,9 @@ class Trainer:
     def _set_up(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.life.check_config(cfg.model_dump(mode="json"))
-        apply_thread_policy(cfg.threads, processes=2 if cfg.rollout.staleness else 1)
+        resumed = self.life.checkpoint[1]["state"].get("threads") if self.life.checkpoint else None
+        self.threads = self.life.info["threads"] = apply_thread_policy(  # the count it computes with (status.json)
+            cfg.threads, processes=2 if cfg.rollout.staleness else 1, resumed=resumed)
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
         require_engine(cfg.rollout.engine)  # before the model loads: without vLLM this run cannot start
@@ -100,55 +83,27 @@ class Trainer:
             raise ValueError(f"train.routing_replay=true needs a Mixture-of-Experts model; {cfg.model!r} is dense "
                              "(try model=builtin-moe)")
         self.model.to(self.device)
-        self.codec = TextCodec(self.tokenizer, chat_template=cfg.task.chat_template,
-                               max_prompt_tokens=self._prompt_limit(),
-                               limit_source="task.max_prompt_tokens" if cfg.task.max_prompt_tokens else
-                               "the model's positions minus rollout.max_new_tokens")
+        self.codec = TextCodec.for_model(self.tokenizer, self.model, chat_template=cfg.task.chat_template,
+                                         max_prompt_tokens=cfg.task.max_prompt_tokens,
+                                         max_new_tokens=cfg.rollout.max_new_tokens)
         self.prompts = make_prompts(cfg.task, cfg.seed)
-        # every prompt of a dataset, or the first batch and the held-out set of the built-in task,
-        # is encoded now, so that a prompt over the length limit fails before anything is written
-        first = getattr(self.prompts, "train", None) or self.prompts.train_batch(0, cfg.rollout.prompts_per_step)
-        for ex in list(first) + (self.prompts.heldout(cfg.eval.prompts) if cfg.eval.every else []):
-            self.codec.encode_example(ex)
+        for ex in self.prompts.examples_to_check(cfg.rollout.prompts_per_step, cfg.eval.every and cfg.eval.prompts):
+            self.codec.encode_example(ex)  # a prompt over the length limit fails before anything is written
         self.reward_fn = get_reward(cfg.task.reward)
         self.reward_guard = RewardFailureGuard()  # every reward failing for a few steps in a row stops the run
         self.objective = cfg.objective.bind()  # parameters resolved and validated once
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-        total = max(t.steps * t.minibatches * t.epochs, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(t.schedule, t.warmup_steps, total))
-        self.start_step, versions = 0, {}
-        if self.life.checkpoint is not None:
-            versions = self._restore(self.life.checkpoint[1])
+        self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), t)
+        self.start_step, versions = (0, {}) if self.life.checkpoint is None else self._restore()
         collector = Collector(self.prompts, self.codec, cfg.rollout.sampling(), self.reward_fn,
                               prompts_per_step=cfg.rollout.prompts_per_step, seed=cfg.seed,
                               reward_timeout=cfg.task.reward_timeout)
         # built from the fp32 weights, before the trainer's own precision
         self.rollout = build_rollout(cfg.rollout, self.model, collector, eos_id=self.tokenizer.eos_token_id,
                                      pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, start_step=self.start_step,
-                                     end_step=t.steps, threads=torch.get_num_threads(), versions=versions)
-        self.autocast_dtype: Optional[torch.dtype] = None
-        if t.precision == "bf16":
-            if self.device.type == "cuda":  # real bf16 compute, fp32 master weights
-                self.autocast_dtype = torch.bfloat16
-            else:  # no fast bf16 on CPU: simulated by rounding (see drpo.rollout.precision)
-                use_bf16_compute_(self.model, round_weights=True)
+                                     end_step=t.steps, threads=self.threads, versions=versions)
+        self.autocast_dtype = trainer_precision_(self.model, t.precision, self.device)  # after the engine's copy
         self.model.train()
         (self.life.out / "config.yaml").write_text(dump_config(cfg))
-
-    def _prompt_limit(self) -> Optional[int]:
-        """task.max_prompt_tokens, checked against the model's positions (default: all that remain
-        after rollout.max_new_tokens)."""
-        positions, new, limit = max_positions(self.model), self.cfg.rollout.max_new_tokens, self.cfg.task.max_prompt_tokens
-        if positions is None:
-            return limit
-        if new >= positions:
-            raise ValueError(f"rollout.max_new_tokens={new} leaves no room for a prompt in the model's "
-                             f"{positions} positions")
-        if limit is not None and limit + new > positions:
-            raise ValueError(f"task.max_prompt_tokens={limit} + rollout.max_new_tokens={new} exceeds the "
-                             f"model's {positions} positions (max_position_embeddings); lower task.max_prompt_tokens "
-                             f"to at most {positions - new}")
-        return limit if limit is not None else positions - new
 
     # ------------------------------------------------------------------ one RL step
     def step(self, step: int) -> dict[str, Any]:
@@ -173,7 +128,7 @@ class Trainer:
             "rollout/mu_lt_0.01_frac": float((mu < MU_TAIL).float().mean()),
         }
         rows = torch.arange(len(batch))[ga.keep] if t.filter_zero_adv_groups else torch.arange(len(batch))
-        m["train/sequences"] = int(rows.numel())
+        m["train/sequences"] = int(rows.numel())  # all, or those of groups whose advantages are not all 0
         with clock("time/update"):
             if rows.numel() >= t.minibatches:
                 m.update(self.update(step, batch, ga.advantages, rows, clock))
@@ -181,8 +136,7 @@ class Trainer:
                 m["train/skipped"] = 1
         with clock("time/publish"):
             self.rollout.publish(step + 1, self.model)
-        m.update(got.seconds)  # time/rollout, time/reward: measured where the batch was made
-        m.update(clock.seconds)
+        m.update({**got.seconds, **clock.seconds})  # time/rollout and time/reward: measured where the batch was made
         m["time/step"] = time.perf_counter() - t0
         m["throughput/tokens_per_s"] = float(batch.response_mask.sum()) / m["time/step"]
         m["lr"] = self.scheduler.get_last_lr()[0]
@@ -213,10 +167,8 @@ class Trainer:
         """log pi (and entropy, top-K log pi) of ``mb``'s responses. An MoE model's forward compares its
         expert choices with the engine's (counted into ``routing``) and, with train.routing_replay,
         uses the engine's."""
-        ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-               else contextlib.nullcontext())
-        d = self.device
-        given = mb.routing.to(d) if mb.routing is not None else None
+        d, given = self.device, mb.routing.to(self.device) if mb.routing is not None else None
+        ctx = torch.autocast(d.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
         with ctx, given_routing(self.model, given, replay=self.cfg.train.routing_replay) as stats:
             out = response_logprobs(self.model, mb.prompt_ids.to(d), mb.prompt_mask.to(d), mb.response_ids.to(d),
                                     mb.response_mask.to(d), temperature=self.cfg.rollout.temperature,
@@ -279,8 +231,7 @@ class Trainer:
         out.update({k: v for k, v in first.result(prefix="mismatch/").items() if k != "mismatch/tokens"})
         if flips.decisions:
             out["rollout/router_flip_frac"] = flips.flip_frac
-        delta = self.objective.params.get("delta")
-        if delta is not None:
+        if (delta := self.objective.params.get("delta")) is not None:
             out["obj/delta"] = float(delta)  # the delta this step trained with
         if self.cfg.objective.adaptive_delta:
             a = self.cfg.objective.adaptive
@@ -291,57 +242,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation, checkpoints
     def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy (avg@samples) of the deployed policy: the rollout engine, at its precision,
-        with a fixed sampling seed so that successive evaluations differ only by the weights.
-        Returns ``eval/accuracy`` and ``eval/length_mean`` (characters of the decoded responses)."""
-        e = self.cfg.eval
-        heldout = self.prompts.heldout(e.prompts)
-        if not heldout:
-            raise ValueError("no held-out prompts to evaluate on (set task.eval_path)")
-        params = SamplingParams(temperature=e.temperature, max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens)
+        """Held-out ``eval/accuracy`` and ``eval/length_mean`` of the deployed policy (the rollout engine, at
+        its precision) with a fixed sampling seed: successive evaluations differ only by the weights."""
         seed = step_seed(self.cfg.seed, 0, SALT_EVAL_SAMPLING)
-        generate = make_generate_fn(lambda ids, p: self.rollout.generate(ids, p, seed), self.codec, params)
-        # one engine call for all prompts: the engine splits it by rollout.max_batch itself
-        res = evaluate(generate, heldout, k=e.samples, reward_fn=self.reward_fn, batch_size=len(heldout), progress=False,
-                       reward_timeout=self.cfg.task.reward_timeout)
-        lengths = [len(r) for row in res.per_example for r in row["responses"]]
-        return {"eval/accuracy": res.avg_at_k, "eval/length_mean": sum(lengths) / max(len(lengths), 1)}
+        return heldout_metrics(lambda ids, p: self.rollout.generate(ids, p, seed), self.codec,
+                               self.prompts.heldout(self.cfg.eval.prompts), self.cfg.eval, self.reward_fn,
+                               max_new_tokens=self.cfg.rollout.max_new_tokens,
+                               reward_timeout=self.cfg.task.reward_timeout)
 
     def save(self, step: int) -> Path:
         """Checkpoint after ``step`` steps (the config saved in it is what --resume compares against)."""
-        delta = self.objective.params["delta"] if self.cfg.objective.adaptive_delta else None
-        return self.life.save(step, self.model, self.tokenizer, self.optimizer, self.scheduler,
-                              {"config": self.cfg.model_dump(mode="json"), "delta": delta},
+        state = {"config": self.cfg.model_dump(mode="json"), "threads": self.threads,
+                 "delta": self.objective.params["delta"] if self.cfg.objective.adaptive_delta else None}
+        return self.life.save(step, self.model, self.tokenizer, self.optimizer, self.scheduler, state,
                               rollout_versions=self.rollout.pending_versions())
 
-    def _restore(self, data: dict[str, Any]) -> dict[int, dict[str, torch.Tensor]]:
-        """Load a checkpoint read by the run's lifecycle; returns the rollout versions it holds."""
-        load_state(self.model, data["model"], where=str(self.life.checkpoint[0]))
-        self.optimizer.load_state_dict(data["optimizer"]["optimizer"])
-        self.scheduler.load_state_dict(data["optimizer"]["scheduler"])
-        run_io.set_rng_state(data["state"]["rng"])
-        if data["state"].get("delta") is not None:
-            self.objective = self.objective.with_params(delta=data["state"]["delta"])
-        self.start_step = int(data["state"]["step"])
-        self.life.resumed(self.start_step)
-        return data["rollout_versions"]
+    def _restore(self) -> tuple[int, dict[int, dict[str, torch.Tensor]]]:
+        """Continue from the checkpoint the run's lifecycle found: (its step, the rollout versions it holds)."""
+        step, state, versions = self.life.restore(self.model, self.optimizer, self.scheduler)
+        if state.get("delta") is not None:  # the adaptive delta's value
+            self.objective = self.objective.with_params(delta=state["delta"])
+        return step, versions
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
-        """Run the steps from the start (or the resumed checkpoint) to ``train.steps``; see
-        :class:`~drpo.training.lifecycle.RunLifecycle` for how the status says the run ended."""
-        cfg = self.cfg
+        """Run the steps from the start (or the resumed checkpoint) to ``train.steps`` (how the status says the
+        run ended: :class:`~drpo.training.lifecycle.RunLifecycle`)."""
+        cfg, t = self.cfg, self.cfg.train
         evaluating = bool(cfg.eval.every) and bool(self.prompts.heldout(1))
         if cfg.eval.every and not evaluating:
             self.notify("note: no held-out set (task.eval_path is not set): held-out evaluation is skipped")
-        watch = CollapseMonitor()
-        for row in run_io.read_metrics(self.life.out / "metrics.jsonl"):  # a resumed run's earlier steps
-            watch.update(row["step"], row)
         with self.life.running(self.start_step, cfg.tensorboard) as life:
             try:
                 if self.start_step == 0 and evaluating:
-                    watch.update(0, row0 := self.evaluate())
-                    life.log(0, row0)
+                    life.log(0, self.evaluate())
                 bar = tqdm(range(self.start_step + 1, cfg.train.steps + 1), initial=self.start_step,
                            total=cfg.train.steps, desc=cfg.objective.name, disable=not cfg.progress, dynamic_ncols=True)
                 for step in bar:
@@ -349,13 +283,13 @@ class Trainer:
                     if evaluating and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                         t0 = time.perf_counter()
                         m.update({**self.evaluate(), "time/eval": time.perf_counter() - t0})
-                    life.log(step, m)
-                    self._watch(watch, step, m, bar)
+                    collapse = life.log(step, m)
+                    bar.set_postfix(progress_line(m, collapse))
                     if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.train.steps):
                         self.save(step)
                     # stopped after an evaluation, so that the last row says the accuracy it had
-                    if cfg.train.stop_on_collapse and watch.state.beyond_recovery and ("eval/accuracy" in m or not evaluating):
-                        raise RunCollapsed(f"stopped at step {step} (train.stop_on_collapse): {watch.state.describe()}")
+                    if t.stop_on_collapse and collapse.beyond_recovery and ("eval/accuracy" in m or not evaluating):
+                        raise RunCollapsed(f"stopped at step {step} (train.stop_on_collapse): {collapse.describe()}")
                     if life.stop_requested():  # SIGTERM: this step is done; keep it, then stop
                         if life.last_checkpoint != step:
                             self.save(step)
@@ -363,29 +297,3 @@ class Trainer:
             finally:
                 self.rollout.close()
         return life.summary()
-
-    def _watch(self, watch: CollapseMonitor, step: int, m: dict[str, Any], bar) -> None:
-        """The collapse watch after ``step``: progress-line figures, and a warning when a collapse begins."""
-        was = watch.state.collapsed
-        state = watch.update(step, m)
-        post = {"reward": f"{m['reward/mean']:.3f}"}
-        if "eval/accuracy" in m:
-            post["acc"] = f"{m['eval/accuracy']:.3f}"
-        if state.now:
-            post["collapsed"] = f"since {state.began}"
-        bar.set_postfix(post)
-        if state.collapsed and not was:
-            self.notify(f"warning: collapsed at step {state.began}: {state.reason}")
-
-
-def _schedule(kind: str, warmup: int, total: int):
-    def f(i: int) -> float:
-        if kind == "constant":
-            return 1.0
-        w = min(1.0, (i + 1) / warmup) if warmup else 1.0
-        if kind == "warmup":
-            return w
-        progress = min(1.0, max(0, i - warmup) / max(1, total - warmup))
-        return w * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f

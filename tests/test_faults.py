@@ -1,0 +1,199 @@
+"""Faults a cluster produces, on real processes: a killed rollout worker, SIGTERM, a trainer killed under
+its worker, broken rewards, a collapsed policy, a full disk, a bug in the middle of a run. Each says what
+happened in one line (or keeps its traceback, for a bug), marks the run's status, and resumes exactly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from drpo.cli import app
+from drpo.training import run_io
+from helpers import alive, assert_one_line, cmdline, descendants, small_run
+
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
+VOLATILE = ("time/", "throughput/")
+
+
+def _train(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # tests/ holds the reward module
+    return subprocess.Popen([sys.executable, "-m", "drpo.cli", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, **kw)
+
+
+def _wait_for(cond, timeout: float = 180.0) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def _rows(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in run_io.read_metrics(out / "metrics.jsonl")]
+
+
+def _worker_of(trainer: int) -> int:
+    return next(p for p in descendants(trainer) if "spawn_main" in cmdline(p) and "resource_tracker" not in cmdline(p))
+
+
+def _reference(tiny_model_dir, tmp_path, *extra) -> list[dict]:
+    ref = tmp_path / "reference"
+    p = _train(small_run(tiny_model_dir, ref, *extra))
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    return _rows(ref)
+
+
+def test_a_killed_rollout_worker_is_one_line_and_resume_continues_exactly(tiny_model_dir, tmp_path):
+    cfg = ("train.steps=12", "save_every=1", "rollout.staleness=2", "threads=1")
+    out = tmp_path / "r"
+    p = _train(small_run(tiny_model_dir, out, *cfg))
+    _wait_for(lambda: len(run_io.read_metrics(out / "metrics.jsonl")) >= 2)
+    os.kill(_worker_of(p.pid), signal.SIGKILL)  # as the OOM killer would
+    t0 = time.monotonic()
+    _, stderr = p.communicate(timeout=120)
+    assert time.monotonic() - t0 < 30  # noticed where the trainer waits, not after a timeout (or never)
+    assert p.returncode == 1, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "the rollout worker" in lines[0] and "killed by signal 9 (SIGKILL: out of memory?)" \
+        in lines[0], stderr
+    status = run_io.read_status(out)
+    assert status["state"] == "failed" and status["cause"] == "rollout_worker" and status["step"] >= 2
+    assert "__main__" not in stderr  # it had started: no hint about the guard
+    res = _train(["--out", str(out), "--resume"])
+    assert res.wait(timeout=600) == 0, res.stderr.read()
+    assert _rows(out) == _reference(tiny_model_dir, tmp_path, *cfg)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tiny_model_dir, tmp_path):
+    cfg = ("train.steps=30", "save_every=10", "threads=1")
+    out = tmp_path / "r"
+    p = _train(small_run(tiny_model_dir, out, *cfg))
+    _wait_for(lambda: len(run_io.read_metrics(out / "metrics.jsonl")) >= 3)
+    p.send_signal(signal.SIGTERM)  # a scheduler's notice
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 143, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("terminated (SIGTERM) after step") and \
+        f"resume with: drpo train --out {out} --resume" in lines[0], stderr
+    status = run_io.read_status(out)
+    step = status["step"]
+    assert status["state"] == "interrupted" and status["signal"] == "SIGTERM" and status["checkpoint"] == step
+    assert run_io.latest_checkpoint(out).name == f"step_{step}"  # the step it finished, kept
+    assert p.returncode == 143 and step < 30
+    res = _train(["--out", str(out), "--resume"])
+    assert res.wait(timeout=600) == 0, res.stderr.read()
+    assert _rows(out) == _reference(tiny_model_dir, tmp_path, *cfg)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_the_worker_and_its_children_exit_when_the_trainer_is_gone(tiny_model_dir, tmp_path, how):
+    out = tmp_path / "r"
+    p = _train(small_run(tiny_model_dir, out, "train.steps=400", "rollout.staleness=1", "threads=1",
+                         "task.reward=helpers:verifying_reward", "save_every=0"))
+    _wait_for(lambda: len(run_io.read_metrics(out / "metrics.jsonl")) >= 2)
+    below = descendants(p.pid)
+    worker = _worker_of(p.pid)
+    assert any("math_verify" in cmdline(c) or "-c" in cmdline(c) for c in descendants(worker)), \
+        [cmdline(c)[:80] for c in below]  # the worker's own verifier child is there
+    os.kill(p.pid, how)  # the trainer alone (kill -9, or a SIGTERM it handles)
+    p.communicate(timeout=120)
+    _wait_for(lambda: not any(alive(c) for c in below), timeout=30)  # none left under PID 1
+
+
+def test_broken_rewards_stop_the_run_in_one_line(tiny_model_dir, tmp_path):
+    for reward, staleness, needle in (("raising_reward", 0, "every reward call failed in 3 consecutive steps"),
+                                      ("exiting_reward", 0, "called sys.exit(3)"),
+                                      ("exiting_reward", 1, "called sys.exit(3)")):
+        out = tmp_path / f"{reward}{staleness}"
+        p = _train(small_run(tiny_model_dir, out, f"task.reward=helpers:{reward}", f"rollout.staleness={staleness}",
+                             "threads=1", "train.steps=8"))
+        _, stderr = p.communicate(timeout=300)
+        stops = [ln for ln in stderr.splitlines() if ln.startswith("training stopped:")]
+        assert p.returncode == 1 and "Traceback" not in stderr, stderr
+        assert len(stops) == 1 and needle in stops[0] and reward in stops[0], stderr
+        status = run_io.read_status(out)
+        assert status["state"] == "failed" and status["cause"] == "reward", status
+
+
+def test_a_collapsed_policy_is_said_and_can_stop_the_run(tmp_path):
+    """lr 10 with the unregularised objective destroys the built-in model within a few steps."""
+    base = ["objective.name=pg_is", "train.lr=10", "train.steps=40", "eval.every=5", "eval.prompts=64",
+            "threads=1", "progress=false", "tensorboard=false", "save_every=0"]
+    res = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "warn"), *base, "train.steps=12"])
+    assert res.exit_code == 0, res.output
+    assert "warning: collapsed at step" in res.output
+    status = run_io.read_status(tmp_path / "warn")
+    assert status["state"] == "finished"
+    res = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "stop"), *base, "train.stop_on_collapse=true"])
+    assert res.exit_code == 1 and "(train.stop_on_collapse)" in res.output, res.output
+    status = run_io.read_status(tmp_path / "stop")
+    rows = run_io.read_metrics(tmp_path / "stop" / "metrics.jsonl")
+    assert status["state"] == "collapsed" and status["step"] < 40 and rows[-1]["step"] == status["step"]
+    assert "eval/accuracy" in rows[-1]  # it stopped right after an evaluation
+
+
+def test_a_full_disk_is_one_line_and_the_status_says_error(tiny_model_dir, tmp_path, monkeypatch):
+    real = run_io.save_checkpoint
+
+    def full(run_dir, step, *a, **k):
+        if step >= 4:
+            raise run_io.DiskFull(f"disk full: could not write checkpoint step_{step} in {run_dir}/checkpoints",
+                                  run_dir, free=0)
+        return real(run_dir, step, *a, **k)
+
+    monkeypatch.setattr(run_io, "save_checkpoint", full)
+    out = tmp_path / "r"
+    res = CliRunner().invoke(app, ["train", *small_run(tiny_model_dir, out, "train.steps=6")])
+    assert_one_line(res, 1, "disk full: could not write checkpoint step_4")
+    status = run_io.read_status(out)
+    assert status["state"] == "error" and status["cause"] == "disk_full" and status["step"] == 4
+    assert run_io.latest_checkpoint(out).name == "step_2"  # the last good one stays
+
+
+def test_a_bug_mid_run_keeps_its_traceback_and_fails_the_run(tiny_model_dir, tmp_path, monkeypatch):
+    from drpo.training.trainer import Trainer
+
+    real = Trainer.step
+
+    def buggy(self, step):
+        if step == 2:
+            raise ValueError("a bug in the middle of a run")
+        return real(self, step)
+
+    monkeypatch.setattr(Trainer, "step", buggy)
+    out = tmp_path / "r"
+    res = CliRunner().invoke(app, ["train", *small_run(tiny_model_dir, out)])
+    assert res.exit_code == 1 and "Traceback" in res.output and "a bug in the middle of a run" in res.output
+    assert "unexpected ValueError" in res.output and str(out / "traceback.txt") in res.output
+    status = run_io.read_status(out)
+    assert status["state"] == "failed" and status["cause"] == "exception" and status["step"] == 2
+    assert "in buggy" in (out / "traceback.txt").read_text()
+    # a mistake in the input is still one line and exit 2, before anything runs
+    assert_one_line(CliRunner().invoke(app, ["train", "--out", str(tmp_path / "x"), "train.lr=abc"]), 2,
+                    "config error at 'train.lr'")
+
+
+def test_divergence_names_the_metrics_step(tiny_model_dir, tmp_path, monkeypatch):
+    from drpo.training import trainer as trainer_mod
+
+    real = trainer_mod.policy_loss
+    calls = {"n": 0}
+
+    def nan_at_step_3(obj, logp, **kw):
+        loss, m = real(obj, logp, **kw)
+        calls["n"] += 1
+        return (loss * float("nan"), m) if calls["n"] > 2 * 2 else (loss, m)  # 2 minibatches per step
+
+    monkeypatch.setattr(trainer_mod, "policy_loss", nan_at_step_3)
+    out = tmp_path / "r"
+    res = CliRunner().invoke(app, ["train", *small_run(tiny_model_dir, out, "train.steps=6")])
+    assert_one_line(res, 1, "step 3: the loss is nan")
+    assert [r["step"] for r in run_io.read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert json.loads((out / "status.json").read_text())["cause"] == "diverged"
