@@ -177,6 +177,7 @@ def _fill(disk: Path) -> None:
     assert run_io.free_bytes(disk) < 4096
 
 
+@pytest.mark.slow
 def test_a_real_full_disk(small_disk, policy, monkeypatch):
     run = small_disk / "run"
     run.mkdir()

@@ -178,6 +178,7 @@ def test_probe_sees_what_a_fresh_verl_process_sees():
     assert [t for t, _ in fired(VERL_TRAPS, facts)] == ["plugin_not_loaded"]
 
 
+@pytest.mark.slow
 def test_probe_reports_a_plugin_that_fails_to_import(tmp_path, monkeypatch):
     """The silent fallback: verl swallows the plug-in's ImportError (DEBUG log); the probe names it."""
     pytest.importorskip("verl")
@@ -193,6 +194,7 @@ def test_probe_reports_a_plugin_that_fails_to_import(tmp_path, monkeypatch):
     assert env.plugin_error == "loading the 'drpo' plug-in raises ImportError: drpo is broken here"
 
 
+@pytest.mark.slow
 def test_doctor_verl_real_environment():
     """No monkeypatching: versions, the registered names, and only environment traps (if any)
     for the documented overrides."""

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from drpo.tasks.arithmetic import ArithmeticTask, boxed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,6 +19,7 @@ def _run(script: str, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_run_summary_means_and_evals(tmp_path):
     rows = [{"step": 0, "eval/accuracy": 0.25},
             {"step": 1, "reward/mean": 0.1, "response/eos_frac": 1.0},
@@ -30,6 +33,7 @@ def test_run_summary_means_and_evals(tmp_path):
     assert lines[2:] == ["1 reward/mean=0.1", "2 reward/mean=0.3"]
 
 
+@pytest.mark.slow
 def test_run_summary_errors_name_the_problem(tmp_path):
     out = _run("run_summary.py", tmp_path)
     assert out.returncode != 0 and "metrics.jsonl does not exist" in out.stderr
@@ -38,6 +42,7 @@ def test_run_summary_errors_name_the_problem(tmp_path):
     assert out.returncode != 0 and "'nope/key'" in out.stderr
 
 
+@pytest.mark.slow
 def test_error_analysis_counts_operand_copies(tmp_path):
     # held-out problems whose first operand is not the answer, so copying it is wrong
     exs = [e for e in ArithmeticTask().heldout(20) if str(e.meta["operands"][0]) != e.answer][:2]

@@ -257,6 +257,7 @@ def doctor_traps(monkeypatch, entry: str, overrides: list[str]) -> list[str]:
     return traps
 
 
+@pytest.mark.slow
 def test_recipe_overrides_compose_with_verl_config():
     from verl.utils.config import omega_conf_to_dataclass
 
@@ -270,11 +271,13 @@ def test_recipe_overrides_compose_with_verl_config():
     assert cfg.actor_rollout_ref.rollout.val_kwargs.n == 16 and actor.optim.lr == 1e-6
 
 
+@pytest.mark.slow
 def test_recipes_pass_the_doctor(monkeypatch):
     assert doctor_traps(monkeypatch, "main_ppo", recipe_overrides("run_drpo_qwen3_4b.sh")) == []
     assert doctor_traps(monkeypatch, "fully_async", recipe_overrides("run_drpo_qwen3_4b_fully_async.sh")) == []
 
 
+@pytest.mark.slow
 def test_async_recipe_composes_with_verl_fully_async_config(monkeypatch):
     """The fully-async recipe's overrides, composed with verl's fully_async_ppo_trainer.yaml as
     `python -m verl.experimental.fully_async_policy.fully_async_main` does: drpo anchored on the

@@ -19,6 +19,7 @@ from drpo.integrations.doctor import TRAINER_IMPORTS, probe_verl_env  # noqa: E4
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_every_verl_trainer_imports():
     """What each trainer imports when it starts: the v1 trainer (transfer_queue), the legacy one,
     fully-async, one-step-off-policy, and verl's engine workers."""
