@@ -118,25 +118,17 @@ def test_round_trip_and_decoded_response_verifies(tok, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_warm_start_caches_and_loads(tmp_path, monkeypatch):
+def test_tiny_warm_start_writes_a_loadable_model_with_its_record(tmp_path):
     hp = warmstart.WarmStartHParams(batch_size=4, max_steps=3, eval_every=1, n_eval=4,
                                     n_final_eval=4, max_new_tokens=4)
-    kwargs = dict(cache_dir=tmp_path, target_band=(0.0, 1.0), stop_at=0.0, progress=False,
-                  hparams=hp, model_overrides={"hidden_size": 32, "num_hidden_layers": 1,
-                                               "intermediate_size": 64, "head_dim": 8})
-    path = warmstart.warm_start(**kwargs)
+    path = warmstart.warm_start(tmp_path / "ws", target_band=(0.0, 1.0), stop_at=0.0, progress=False, hparams=hp,
+                                model_overrides={"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64,
+                                                 "head_dim": 8}, command="test")
     record = json.loads((path / "warmstart.json").read_text())
-    assert record["steps"] == 1 and record["in_band"]
-    assert record["n_heldout"] == 4 and record["hparams"]["max_steps"] == 3
+    assert record["steps"] == 1 and record["in_band"] and record["command"] == "test" and record["seed"] == 0
+    assert record["n_heldout"] == 4 and record["hparams"]["max_steps"] == 3 and record["torch_threads"] >= 1
     assert record["heldout_sampled_accuracy"] * 4 == round(record["heldout_sampled_accuracy"] * 4)  # hits / 4
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp folder left behind
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the cached warm start should not train again")
-
-    monkeypatch.setattr(warmstart, "build_tiny_model", fail)
-    assert warmstart.warm_start(**kwargs) == path
-
+    assert [p.name for p in tmp_path.iterdir()] == ["ws"]  # no temp folder left behind
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert model.config.vocab_size == len(tok)
@@ -144,4 +136,34 @@ def test_tiny_warm_start_caches_and_loads(tmp_path, monkeypatch):
     batch = tok(["Q : what is 2 + 3 ? A :"], return_tensors="pt")
     out = model.generate(**batch, max_new_tokens=3, pad_token_id=tok.pad_token_id)
     assert out.shape[1] <= batch["input_ids"].shape[1] + 3
-    assert torch.isfinite(model(**batch).logits).all()
+
+
+@pytest.mark.parametrize("name,arch", [("builtin", "dense"), ("builtin-moe", "moe")])
+def test_the_built_in_models_ship_as_weights_with_their_provenance(name, arch):
+    """Both load from the package (no training), and their record says how they were made and that
+    they landed in the warm start's accuracy band."""
+    from drpo.models import builtin_dir, load_policy
+
+    folder = builtin_dir(name)
+    record = json.loads((folder / "warmstart.json").read_text())
+    assert record["command"].startswith(f"drpo warmstart --model {name}") and record["arch"] == arch
+    assert record["in_band"] and 0.15 <= record["heldout_sampled_accuracy"] <= 0.40 and record["n_heldout"] == 512
+    assert (folder / "model.safetensors").stat().st_size < 10 * 2 ** 20  # a few MB
+    tok, model = load_policy(name)
+    assert model.config.model_type == ("qwen3_moe" if arch == "moe" else "qwen3")
+    assert model.config.vocab_size == len(tok) == 2555
+
+
+@pytest.mark.slow
+def test_drpo_warmstart_regenerates_the_dense_model_into_the_band(tmp_path):
+    """The command the shipped dense model came from, run again: it lands in the accuracy band (on the
+    machine that made the shipped one, with the same thread count, it is the same file)."""
+    from typer.testing import CliRunner
+
+    from drpo.cli import app
+
+    res = CliRunner().invoke(app, ["warmstart", "--model", "builtin", "--out", str(tmp_path / "ws"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "ws" / "warmstart.json").read_text())
+    assert record["in_band"] and 0.15 <= record["heldout_sampled_accuracy"] <= 0.40, record
+    assert "in the band" in res.output

@@ -8,25 +8,25 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "drpo"
 
-# each layer and the layers it may import (besides itself); top-level modules of the package are
-# listed by their module name
-ALLOWED: dict[str, set[str]] = {
-    "utils": set(),
-    "objectives": {"utils"},
-    "ops": {"utils"},
-    "tasks": {"utils"},
-    "rewards": {"utils", "tasks"},
-    "models": {"utils"},
-    "builtin": {"utils", "tasks", "rewards", "models"},
-    "rollout": {"utils", "tasks", "rewards", "models"},
-    "evaluation": {"utils", "tasks", "rewards", "models", "rollout"},
-    "training": {"utils", "objectives", "ops", "tasks", "rewards", "models", "rollout", "evaluation"},
-    "experiments": {"utils", "objectives", "ops", "tasks", "rewards", "models", "rollout", "evaluation", "training"},
-    "integrations": {"utils", "objectives", "ops", "tasks", "rewards", "models", "rollout", "evaluation", "training"},
-    "cli": {"utils", "objectives", "ops", "tasks", "rewards", "models", "builtin", "rollout", "evaluation",
-            "training", "experiments", "integrations"},
-    "__init__": {"utils", "objectives", "rewards"},
-}
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def layer_table(text: str) -> dict[str, set[str]]:
+    """The README's layer table (between ``<!-- layers`` and ``<!-- /layers -->``): layer -> the layers it
+    may import ('-': none, 'every layer': all the others)."""
+    block = text.split("<!-- layers")[1].split("<!-- /layers -->")[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines()
+            if line.startswith("| `")]
+    layers = [r[0].strip("`") for r in rows]
+    allowed = {}
+    for r in rows:
+        layer, may = r[0].strip("`"), r[-1]
+        allowed[layer] = (set(layers) - {layer} if may == "every layer" else
+                          set() if may == "-" else {x.strip() for x in may.split(",")})
+    return allowed
+
+
+ALLOWED: dict[str, set[str]] = layer_table(README.read_text())
 
 
 def layer_of(path: Path) -> str:
@@ -64,6 +64,13 @@ def test_imports_point_down(path):
     bad = [(line, target) for line, target in drpo_imports(path)
            if target != layer and target in ALLOWED and target not in ALLOWED[layer]]
     assert not bad, f"{path.relative_to(SRC)} ({layer}) imports upward: {bad}"
+
+
+def test_the_table_is_read_as_written():
+    table = "<!-- layers -->\n| layer | what | may import |\n|---|---|---|\n| `a` | x | - |\n| `b` | y | a |\n" \
+            "| `c` | z | every layer |\n<!-- /layers -->"
+    assert layer_table(table) == {"a": set(), "b": {"a"}, "c": {"a", "b"}}
+    assert ALLOWED["models"] == {"utils"} and "training" not in ALLOWED["rollout"] and ALLOWED["utils"] == set()
 
 
 def test_the_checker_sees_an_upward_import(tmp_path):
