@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from drpo.models.moe import use_library_experts_
+
 BUILTIN_MODELS = {"builtin": "dense", "builtin-moe": "moe"}
 WARM_START_SEED = 0  # one shared starting point; run seeds vary the RL, not the warm start
 HUB_HOST = ("huggingface.co", 443)
@@ -92,6 +94,7 @@ def load_policy(model: str, *, progress: bool = True):
         net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the model {model!r} (from {path!r}): {str(e).splitlines()[0]}") from None
+    use_library_experts_(net)  # MoE: transformers' grouped experts (drpo.models.moe); dense: no-op
     if tokenizer.eos_token_id is None:
         raise ModelLoadError(f"the tokenizer of {model!r} has no EOS token; responses could never stop")
     if tokenizer.pad_token_id is None:
