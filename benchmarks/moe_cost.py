@@ -28,6 +28,7 @@ load from other jobs on a shared machine falls on all of them alike; the load av
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -129,23 +130,29 @@ def main(argv: Optional[list[str]] = None) -> None:
     tok = build_tokenizer()
     batch = step_batch(tok, args.prompts, args.group_size, args.new_tokens)
     positions = batch[0].numel() + batch[2].numel()
-    cfg = {a: tiny_config(a, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                          bos_token_id=None) for a in ("dense", "moe")}
-    default_impl = build_tiny_model(cfg["moe"]).config._experts_implementation
+    configs = {a: tiny_config(a, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                              bos_token_id=None) for a in ("dense", "moe")}
+
+    def build(arch: str) -> nn.Module:
+        """A model with its own copy of the config: the experts implementation is a config setting,
+        and models built from one config object share it."""
+        return build_tiny_model(copy.deepcopy(configs[arch]), seed=0)
+    default_impl = build("moe").config._experts_implementation
 
     variants: dict[str, tuple[Callable[[], None], str, list]] = {}  # name -> (run, kind, token counts)
-    dense = build_tiny_model(cfg["dense"], seed=0)
+    dense = build("dense")
     variants["trainer dense"] = (trainer_pass(dense, batch, args.minibatches), "trainer", [])
     for impl in [s for s in args.impls.split(",") if s]:
-        m = build_tiny_model(cfg["moe"], seed=0)
+        m = build("moe")
         m.set_experts_implementation(impl)
+        assert m.config._experts_implementation == impl
         variants[f"trainer moe {impl}"] = (trainer_pass(m, batch, args.minibatches), "trainer", [])
     if args.bf16_trainer:
-        d16 = build_tiny_model(cfg["dense"], seed=0)
+        d16 = build("dense")
         use_bf16_compute_(d16, round_weights=True)
         variants["trainer dense bf16-sim"] = (trainer_pass(d16, batch, args.minibatches), "trainer", [])
         for loop in (False, True):
-            m16 = build_tiny_model(cfg["moe"], seed=0)
+            m16 = build("moe")
             use_bf16_compute_(m16, round_weights=True)
             if loop:
                 use_loop_experts_(m16)
@@ -156,10 +163,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         prompts = batch[4]
         kw = dict(precision=p, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
         counts: list = []
-        variants[f"engine dense {p}"] = (engine_pass(HFRolloutEngine(build_tiny_model(cfg["dense"]), **kw), prompts,
+        variants[f"engine dense {p}"] = (engine_pass(HFRolloutEngine(build("dense"), **kw), prompts,
                                                      args.group_size, args.new_tokens, counts), "engine", counts)
         for loop in ((False, True) if p != "fp32" else (False,)):
-            eng = HFRolloutEngine(build_tiny_model(cfg["moe"]), **kw)
+            eng = HFRolloutEngine(build("moe"), **kw)
             if loop:
                 use_loop_experts_(eng.model)
             counts = []
