@@ -28,20 +28,23 @@ Experts implementation. The fused experts hold W_gu (E, 2I, H) and W_d (E, H, I)
 transformers computes this with the implementation named by ``config._experts_implementation``:
 
     eager       a Python loop over the experts hit, one small matmul pair per expert;
-    batched_mm  one bmm over the T k pairs, after gathering a copy of the expert's weights per pair
-                (T k x 2I x H floats: 0.5 GB per layer for one default RL step);
+    batched_mm  one bmm per projection over the T k pairs, after gathering a copy of the expert's
+                weights for every pair (2I x H + H x I floats per pair: 0.44 GB per layer for one
+                32-sequence minibatch of the default RL step, kept for the backward);
     grouped_mm  the pairs sorted by expert, then one grouped matmul per projection
-                (``torch.nn.functional.grouped_mm``, a CPU kernel in torch >= 2.9).
+                (``torch.nn.functional.grouped_mm``; CPU kernel in torch >= 2.9, else transformers
+                falls back to a per-expert loop).
 
-drpo runs :data:`EXPERTS_IMPLEMENTATION` = ``grouped_mm`` (:func:`use_library_experts_`, applied where
-the tiny MoE is built and where every policy is loaded). Why (measured with
-``benchmarks/moe_cost.py``, see benchmarks/README.md): on a CPU it costs the same as the eager loop
-for the tiny MoE (torch's CPU kernel is itself a loop of per-expert matmuls, in C++), while batched_mm
-is about 10x slower and memory-bound (the gathered weight copies); it is one op per projection
-whatever the number of experts, transformers' own default when a config names none (5.10 and 5.19),
-and the fast path on a GPU. It gives the eager loop's outputs and gradients to float tolerance
-(tests/test_moe.py). The choice is a load-time setting, not saved in config.json (transformers drops
-it on save), hence it is applied on load.
+drpo runs :data:`EXPERTS_IMPLEMENTATION` = ``grouped_mm`` (:func:`use_library_experts_`; set in
+:func:`drpo.models.tiny.tiny_qwen3_moe_config` and applied by ``load_policy`` to every policy loaded).
+Why, measured with ``benchmarks/moe_cost.py`` (benchmarks/README.md), forward + backward of the
+default RL step's batch on 1 CPU thread: grouped_mm and eager cost the same for the tiny MoE, about
+the dense model's cost per token (torch's CPU grouped kernel is itself a loop of per-expert matmuls,
+in C++), while batched_mm costs about 24x as much (it moves the gathered weight copies). grouped_mm
+is also one op per projection whatever the number of experts, the fast path on a GPU, and the one
+transformers itself picks when a config names none (5.10 and 5.19: the tiny MoE already ran it
+before drpo named it). It gives the eager loop's outputs and gradients to float tolerance
+(tests/test_moe.py). transformers does not save the choice in config.json, hence ``load_policy``.
 """
 from __future__ import annotations
 
