@@ -20,9 +20,13 @@ engine    :class:`drpo.rollout.engine.HFRolloutEngine` at ``--engine-precision``
           (``precision._bf16_experts_forward``), and with the per-expert loop it replaced
           (``loop_bf16_experts_forward`` below, the code before that change), so that one run
           gives both figures.
+warm start  with ``--warmstart``: one supervised step of :func:`drpo.models.warmstart.warm_start`
+          (64 demonstrations, the MoE with its router aux loss, AdamW) and one held-out evaluation
+          (:func:`~drpo.models.warmstart.heldout_accuracy`: HF ``generate`` on 128 prompts, 16 tokens),
+          dense vs MoE (the MoE at its default experts implementation).
 
-Cost per token = median wall time / tokens (trainer: all N x (P + R) positions computed; engine:
-response tokens sampled). The variants run interleaved, one repetition of each in turn, so that
+Cost per token = median wall time / tokens (trainer and warm-start step: all positions computed;
+engine: response tokens sampled; warm-start evaluation: per prompt). The variants run interleaved, one repetition of each in turn, so that
 load from other jobs on a shared machine falls on all of them alike; the load average is printed.
 """
 from __future__ import annotations
@@ -104,6 +108,36 @@ def engine_pass(engine: HFRolloutEngine, prompts, group_size: int, new_tokens: i
     return run
 
 
+def warmstart_passes(model: nn.Module, tok, moe: bool) -> tuple[Callable[[], None], Callable[[], None], int]:
+    """(one supervised warm-start step, one held-out evaluation, positions in the step's batch), as
+    :func:`drpo.models.warmstart.warm_start` runs them with its default hyperparameters."""
+    import random
+
+    from drpo.models.warmstart import WarmStartHParams, encode_pairs, heldout_accuracy
+
+    hp = WarmStartHParams()
+    task = ArithmeticTask(difficulty=hp.difficulty, seed=0)
+    stream, rng = iter(task), random.Random(1)
+    examples = [next(stream) for _ in range(hp.batch_size)]
+    batch = encode_pairs(tok, [e.prompt for e in examples],
+                         [task.reference_response(e, rng, hp.demo_accuracy) for e in examples])
+    evalset = task.heldout(hp.n_eval)
+    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+
+    def step() -> None:
+        model.train()
+        loss = model(**batch, **({"output_router_logits": True} if moe else {})).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    def evaluate() -> None:
+        torch.manual_seed(0)
+        heldout_accuracy(model, tok, evalset, max_new_tokens=hp.max_new_tokens)
+    return step, evaluate, batch["input_ids"].numel()
+
+
 def loadavg() -> str:
     try:
         return " ".join(open("/proc/loadavg").read().split()[:3])
@@ -124,6 +158,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--engine-precision", default="fp8", choices=["fp32", "bf16", "fp8"])
     ap.add_argument("--bf16-trainer", action="store_true", help="also time the simulated bf16 trainer")
     ap.add_argument("--no-engine", action="store_true", help="skip the engine rows")
+    ap.add_argument("--warmstart", action="store_true", help="also time a warm-start step and evaluation")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -173,6 +208,14 @@ def main(argv: Optional[list[str]] = None) -> None:
             name = f"engine moe {p}" + ((" loop (before)" if loop else " drpo") if p != "fp32" else "")
             variants[name] = (engine_pass(eng, prompts, args.group_size, args.new_tokens, counts), "engine", counts)
 
+    sizes = {"trainer": positions, "engine": None}
+    if args.warmstart:
+        for arch in ("dense", "moe"):
+            step, evaluate, n = warmstart_passes(build(arch), tok, moe=arch == "moe")
+            sizes["warmstart step"], sizes["warmstart eval"] = n, 128
+            variants[f"warmstart step {arch}"] = (step, "warmstart step", [])
+            variants[f"warmstart eval {arch}"] = (evaluate, "warmstart eval", [])
+
     print(f"torch {torch.__version__}, threads {args.threads}, cpus {os.cpu_count()}, "
           f"MoE default experts_implementation here: {default_impl}", flush=True)
     print(f"batch: {len(batch[0])} sequences, prompt width {batch[0].shape[1]}, {args.new_tokens} response tokens; "
@@ -190,18 +233,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     per_tok: dict[str, tuple[float, float]] = {}  # name -> (median, minimum) microseconds per token
     print(f"\n{'variant':34s} {'median s':>9s} {'min s':>8s} {'tokens':>7s} {'us/token':>9s}")
     for name, (_, kind, counts) in variants.items():
-        n = positions if kind == "trainer" else statistics.median(counts)
+        n = statistics.median(counts) if kind == "engine" else sizes[kind]
         med, low = statistics.median(times[name]), min(times[name])
         per_tok[name] = (med / n * 1e6, low / n * 1e6)
         print(f"{name:34s} {med:9.3f} {low:8.3f} {n:7.0f} {per_tok[name][0]:9.1f}")
     print("\nMoE / dense cost per token, from the medians (and from the minima: less disturbed by other jobs):")
     for name in per_tok:
-        if " moe " in f" {name} ":
+        if name.startswith("warmstart") and name.endswith(" moe"):
+            ref = name[:-len("moe")] + "dense"
+        elif " moe " in f" {name} ":
             kind = name.split()[0]
             ref = f"{kind} dense" + (" bf16-sim" if "bf16-sim" in name else "") + (
                 f" {args.engine_precision}" if kind == "engine" else "")
-            (med, low), (ref_med, ref_low) = per_tok[name], per_tok[ref]
-            print(f"  {name:34s} {med / ref_med:5.2f}x  (min {low / ref_low:5.2f}x)  vs {ref}")
+        else:
+            continue
+        (med, low), (ref_med, ref_low) = per_tok[name], per_tok[ref]
+        print(f"  {name:34s} {med / ref_med:5.2f}x  (min {low / ref_low:5.2f}x)  vs {ref}")
     print(f"\nload average after: {loadavg()}", flush=True)
 
 
