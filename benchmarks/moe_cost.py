@@ -138,6 +138,27 @@ def warmstart_passes(model: nn.Module, tok, moe: bool) -> tuple[Callable[[], Non
     return step, evaluate, batch["input_ids"].numel()
 
 
+def matmul_probe(reps: int = 7) -> tuple[float, float]:
+    """Median ms of one (256 x 128) @ (128 x 192) matmul, and of a grouped matmul of the same rows over
+    8 experts (the MoE's gate/up projection for 128 tokens x top-2), at the current thread count.
+    On an idle machine both take a fraction of a millisecond; when other jobs hold the cores, every
+    multi-threaded matmul can wait for its sibling thread's time slice (measured here: ~16 ms each
+    with 2 threads), and the MoE, with one matmul per expert, waits 8 times per projection."""
+    x, w = torch.randn(256, 128), torch.randn(8, 128, 192)
+    offs = torch.arange(32, 257, 32, dtype=torch.int32)
+    grouped = getattr(torch.nn.functional, "grouped_mm", None)
+
+    def med(f: Callable[[], object]) -> float:
+        f()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+    return med(lambda: x @ w[0]), (med(lambda: grouped(x, w, offs=offs)) if grouped else float("nan"))
+
+
 def loadavg() -> str:
     try:
         return " ".join(open("/proc/loadavg").read().split()[:3])
@@ -220,6 +241,9 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"MoE default experts_implementation here: {default_impl}", flush=True)
     print(f"batch: {len(batch[0])} sequences, prompt width {batch[0].shape[1]}, {args.new_tokens} response tokens; "
           f"load average before: {loadavg()}", flush=True)
+    one, grouped = matmul_probe()
+    print(f"probe: one 256x128x192 matmul {one:.3f} ms, grouped over 8 experts {grouped:.3f} ms "
+          f"(idle machine: well under 1 ms; much more means other jobs hold the cores)", flush=True)
     times: dict[str, list[float]] = {k: [] for k in variants}
     for run, _, _ in variants.values():  # warm-up
         run()
