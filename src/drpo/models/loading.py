@@ -31,6 +31,8 @@ try:
 except ImportError:  # pragma: no cover -- older huggingface_hub
     StrictDataclassError = ValueError  # type: ignore[misc,assignment]
 
+from drpo.models.moe import use_library_experts_
+
 BUILTIN_MODELS = ("builtin", "builtin-moe")
 HUB_HOST = ("huggingface.co", 443)
 
@@ -231,6 +233,7 @@ def load_policy(model: str):
                              "weights were saved with")
     for record in held.held:  # nothing this check refuses: let transformers' report through
         logging.getLogger(record.name).handle(record)
+    use_library_experts_(net)  # MoE: transformers' grouped experts (drpo.models.moe); dense: no-op
     if tokenizer.eos_token_id is None:
         raise ModelLoadError(f"the tokenizer of {model!r} has no EOS token; responses could never stop")
     if tokenizer.pad_token_id is None:

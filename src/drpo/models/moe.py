@@ -19,6 +19,32 @@ of [left-padded prompt | response] and every MoE layer; -1 where no decision was
 
 Works with routers that map hidden states (T, H) to (router_logits, scores, indices) as transformers'
 Qwen3-MoE ``Qwen3MoeTopKRouter`` does.
+
+Experts implementation. The fused experts hold W_gu (E, 2I, H) and W_d (E, H, I); for the T x k
+(token t, slot j) pairs with expert e = S_tj and gate g_tj
+
+    y_tj = W_d[e] (act(W_g[e] h_t) * W_u[e] h_t),      out_t = sum_j g_tj y_tj
+
+transformers computes this with the implementation named by ``config._experts_implementation``:
+
+    eager       a Python loop over the experts hit, one small matmul pair per expert;
+    batched_mm  one bmm per projection over the T k pairs, after gathering a copy of the expert's
+                weights for every pair (2I x H + H x I floats per pair: 0.44 GB per layer for one
+                32-sequence minibatch of the default RL step, kept for the backward);
+    grouped_mm  the pairs sorted by expert, then one grouped matmul per projection
+                (``torch.nn.functional.grouped_mm``; CPU kernel in torch >= 2.9, else transformers
+                falls back to a per-expert loop).
+
+drpo runs :data:`EXPERTS_IMPLEMENTATION` = ``grouped_mm`` (:func:`use_library_experts_`; set in
+:func:`drpo.models.tiny.tiny_qwen3_moe_config` and applied by ``load_policy`` to every policy loaded).
+Why, measured with ``benchmarks/moe_cost.py`` (benchmarks/README.md), forward + backward of the
+default RL step's batch on 1 CPU thread: grouped_mm and eager cost the same for the tiny MoE, about
+the dense model's cost per token (torch's CPU grouped kernel is itself a loop of per-expert matmuls,
+in C++), while batched_mm costs about 24x as much (it moves the gathered weight copies). grouped_mm
+is also one op per projection whatever the number of experts, the fast path on a GPU, and the one
+transformers itself picks when a config names none (5.10 and 5.19: the tiny MoE already ran it
+before drpo named it). It gives the eager loop's outputs and gradients to float tolerance
+(tests/test_moe.py). transformers does not save the choice in config.json, hence ``load_policy``.
 """
 from __future__ import annotations
 
@@ -43,6 +69,19 @@ def experts_modules(model: nn.Module) -> list[nn.Module]:
 
 def is_moe(model: nn.Module) -> bool:
     return bool(routers(model))
+
+
+EXPERTS_IMPLEMENTATION = "grouped_mm"  # transformers' experts_implementation drpo runs (see the module docstring)
+
+
+def use_library_experts_(model: nn.Module, implementation: str = EXPERTS_IMPLEMENTATION) -> None:
+    """Make the fused experts of ``model`` run transformers' ``implementation`` (no-op for a model
+    without fused experts: a dense model, or an MoE of transformers 4 with per-expert modules).
+    An experts forward replaced by :func:`drpo.rollout.precision.use_bf16_compute_` stays replaced."""
+    if not experts_modules(model):
+        return
+    if getattr(model.config, "_experts_implementation", None) != implementation:
+        model.set_experts_implementation(implementation)
 
 
 def _route(router: nn.Module, hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

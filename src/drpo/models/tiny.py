@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from drpo.models.moe import EXPERTS_IMPLEMENTATION
+
 TINY_DEFAULTS: dict = {
     "hidden_size": 128,
     "num_hidden_layers": 4,
@@ -38,8 +40,13 @@ def tiny_qwen3_config(vocab_size: int, **overrides) -> Qwen3Config:
 
 
 def tiny_qwen3_moe_config(vocab_size: int, **overrides) -> Qwen3MoeConfig:
-    """A Qwen3-MoE config with :data:`TINY_MOE_DEFAULTS` (8 experts, top-2)."""
-    return Qwen3MoeConfig(vocab_size=vocab_size, **{**TINY_MOE_DEFAULTS, **overrides})
+    """A Qwen3-MoE config with :data:`TINY_MOE_DEFAULTS` (8 experts, top-2), whose experts run
+    transformers' :data:`drpo.models.moe.EXPERTS_IMPLEMENTATION` (``grouped_mm``; why: see
+    :mod:`drpo.models.moe`). That setting is not written to config.json by ``save_pretrained`` (nor
+    part of ``to_dict``, so the warm start's cache key does not see it): a loaded model gets it from
+    :func:`drpo.models.loading.load_policy`."""
+    return Qwen3MoeConfig(vocab_size=vocab_size,
+                          **{**TINY_MOE_DEFAULTS, "experts_implementation": EXPERTS_IMPLEMENTATION, **overrides})
 
 
 def tiny_config(arch: str, vocab_size: int, **overrides) -> PretrainedConfig:

@@ -210,22 +210,43 @@ def _bf16_embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tens
     return RoundSTE.apply(nn.Embedding.forward(self, ids))
 
 
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows [offsets[e-1], offsets[e]) of ``x`` (S, in) times ``w[e]`` (in, out), for every expert e:
+    transformers' grouped-matmul dispatcher (``torch.nn.functional.grouped_mm`` where torch has it
+    for the device and dtype, else its per-expert loop), the one its ``grouped_mm`` experts use."""
+    from transformers.integrations.moe import _grouped_mm as library_grouped_mm
+
+    return library_grouped_mm(x, w, offs=offsets)
+
+
 def _bf16_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                           top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The fused experts' forward (transformers' eager loop) with every matmul's input and output
-    rounded to bf16: for each expert e and the tokens routed to it,
-    y = down_e(act(gate_e x) * up_e x), added with the token's gate weight."""
+    """The fused experts' forward with every matmul's input and output rounded to bf16 (R), batched
+    like transformers' ``grouped_mm`` experts. With T tokens, k slots, S = T k pairs (t, j) sorted by
+    expert e = S_tj (the rows of one expert contiguous), g_tj the gate weight:
+
+        x    = R(h)                                        (T, H)
+        a_s  = R(x_t W_gu[e]^T),   [gate | up] = a_s       (S, 2I)   one grouped matmul
+        z_s  = R(act(gate) * up)                           (S, I)
+        y_s  = R(z_s W_d[e]^T)                             (S, H)    one grouped matmul
+        out_t = R(sum_j g_tj y_tj)                         (T, H)
+
+    The rounding points are those of the per-expert loop this replaced (same values up to the order
+    of float additions); R is :class:`RoundSTE`, so gradients pass straight through (bf16 trainer)."""
     R = RoundSTE.apply
+    T, k = top_k_index.shape
     x = R(hidden_states)
-    w_gu = RoundSTE.apply(self.gate_up_proj) if self._drpo_round_weight else self.gate_up_proj
-    w_d = RoundSTE.apply(self.down_proj) if self._drpo_round_weight else self.down_proj
-    out = torch.zeros_like(x)
-    for e in top_k_index.unique().tolist():
-        pos, tok = torch.where(top_k_index.T == e)
-        gate, up = R(nn.functional.linear(x[tok], w_gu[e])).chunk(2, dim=-1)
-        y = R(nn.functional.linear(R(self.act_fn(gate) * up), w_d[e]))
-        out.index_add_(0, tok, y * top_k_weights[tok, pos, None])
-    return R(out)
+    w_gu = R(self.gate_up_proj) if self._drpo_round_weight else self.gate_up_proj  # (E, 2I, H)
+    w_d = R(self.down_proj) if self._drpo_round_weight else self.down_proj  # (E, H, I)
+    expert = top_k_index.reshape(-1)  # pair s = t k + j
+    order = torch.argsort(expert, stable=True)  # pairs grouped by expert
+    offsets = torch.bincount(expert, minlength=w_gu.shape[0]).cumsum(0).to(torch.int32)
+    gate, up = R(_grouped_mm(x[order // k], w_gu.transpose(-2, -1), offsets)).chunk(2, dim=-1)
+    y = R(_grouped_mm(R(self.act_fn(gate) * up), w_d.transpose(-2, -1), offsets))
+    unsort = torch.empty_like(order)
+    unsort[order] = torch.arange(order.numel(), device=order.device)
+    y = y[unsort].view(T, k, -1)  # back to (token, slot)
+    return R((y * top_k_weights.unsqueeze(-1).to(y.dtype)).sum(dim=1))
 
 
 def use_bf16_compute_(model: nn.Module, *, round_weights: bool) -> None:
