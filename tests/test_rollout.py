@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from drpo.rollout.engine import HFRolloutEngine, SamplingParams, left_pad, sampling_logprobs
+from drpo.rollout.engine import HFRolloutEngine, SamplingParams, left_pad, sample_categorical, sampling_logprobs
 from drpo.rollout.precision import quantize_fp8_per_channel
 from drpo.training.logprobs import response_logprobs
 
@@ -195,3 +195,53 @@ def test_sample_categorical_draws_from_the_distribution_and_never_a_zero_probabi
     # rows are independent and unnormalised rows are fine
     two = sample_categorical(torch.tensor([[0.0, 2.0], [3.0, 0.0]]), g)
     assert two.tolist() == [1, 0]
+
+
+def _full_batch_sample(eng, prompts, params, generator):
+    """The engine's sampling loop without dropping ended rows (the reference the compaction must match)."""
+    from drpo.rollout.engine import left_pad
+
+    ids, mask = left_pad(prompts, eng.pad_id)
+    N = ids.shape[0]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = eng.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache, logits, next_pos, attn = out.past_key_values, out.logits[:, -1], pos[:, -1:] + 1, mask
+    done, toks, lps = torch.zeros(N, dtype=torch.bool), [], []
+    for _ in range(params.max_new_tokens):
+        logp = sampling_logprobs(logits, params)
+        tok = torch.where(done, eng.pad_id, sample_categorical(logp.exp(), generator))
+        toks.append(tok)
+        lps.append(torch.where(done, 0.0, logp.gather(-1, tok[:, None]).squeeze(-1)))
+        done = done | (tok == eng.eos_id)
+        if bool(done.all()):
+            break
+        attn = torch.cat([attn, torch.ones((N, 1), dtype=attn.dtype)], dim=-1)
+        out = eng.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
+                        use_cache=True)
+        cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+    return torch.stack(toks, 1), torch.stack(lps, 1)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_rows_that_ended_leave_the_batch_with_the_same_samples(policy, precision):
+    """The engine runs the model on the live rows only once some have ended (EOS), drawing the same
+    uniforms: tokens equal the full-batch loop's, log mu to float rounding."""
+    tok, model, prompts = policy
+    eng = _engine(model, tok, precision)
+    params = SamplingParams(n=16, max_new_tokens=12)
+    eos_row = model.get_output_embeddings().weight[tok.eos_token_id]
+    with torch.no_grad():  # make EOS likely, so that rows end at different steps
+        eos_row.mul_(3.0)
+    try:
+        eng.sync(model)
+        got = eng.generate(prompts, params, torch.Generator().manual_seed(7))
+        rows = [prompts[i] for i in got.prompt_index.tolist()]
+        want_toks, want_lp = _full_batch_sample(eng, rows, SamplingParams(max_new_tokens=12),
+                                                torch.Generator().manual_seed(7))
+    finally:
+        with torch.no_grad():
+            eos_row.div_(3.0)
+    ended = (got.response_mask.sum(-1) < got.response_ids.shape[1])
+    assert 0 < int(ended.sum()) < len(got)  # some rows ended early, some ran on: the compaction was exercised
+    assert torch.equal(got.response_ids, want_toks)
+    assert torch.allclose(got.behavior_log_prob, want_lp, atol=1e-5)

@@ -117,6 +117,8 @@ def warmstart(
     out: Optional[Path] = typer.Option(None, "--out", help="folder to write (default runs/warmstart-<model>)"),
     seed: int = typer.Option(0, "--seed", help="the seed of the initialisation and the demonstrations"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop after this many steps at most"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                          help="torch threads (default torch's; the result depends on it)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Make a built-in model again: the supervised warm start its shipped weights came from."""
@@ -130,8 +132,13 @@ def warmstart(
     out = out or Path(f"runs/warmstart-{model}")
     if out.exists() and not out.is_dir():
         _fail(f"--out {out} is a file; give a folder")
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     hp = WarmStartHParams() if max_steps is None else replace(WarmStartHParams(), max_steps=max_steps)
-    command = f"drpo warmstart --model {model} --seed {seed}" + (f" --max-steps {max_steps}" if max_steps else "")
+    command = (f"drpo warmstart --model {model} --seed {seed}" + (f" --max-steps {max_steps}" if max_steps else "")
+               + f" --threads {torch.get_num_threads()}")
     path = warm_start(out, arch="moe" if model == "builtin-moe" else "dense", seed=seed, hparams=hp,
                       progress=progress, command=command)
     record = json.loads((path / "warmstart.json").read_text())

@@ -98,14 +98,17 @@ def sampling_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return torch.log_softmax(z, dim=-1)
 
 
-def sample_categorical(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_categorical(probs: torch.Tensor, generator: Optional[torch.Generator] = None,
+                       u: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One draw per row from the categorical ``probs`` (N, V) by inverting its CDF:
-    token = the first j with cumsum(p)_j > u * sum(p), u ~ U[0, 1). Exact (a token of probability 0
-    is never drawn: its cumulative sum equals its predecessor's), and on a CPU about 20x faster than
-    ``torch.multinomial`` for a vocabulary of a few thousand (8 ms -> 0.4 ms for 128 rows)."""
+    token = the first j with cumsum(p)_j > u * sum(p), u ~ U[0, 1) (drawn from ``generator``, or given
+    as ``u`` (N, 1)). Exact (a token of probability 0 is never drawn: its cumulative sum equals its
+    predecessor's), and on a CPU about 20x faster than ``torch.multinomial`` for a vocabulary of a few
+    thousand (8 ms -> 0.4 ms for 128 rows)."""
     cdf = probs.float().cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    if u is None:
+        u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 class HFRolloutEngine:
@@ -150,7 +153,7 @@ class HFRolloutEngine:
         if not self.moe:
             return self._sample(prompts, params, generator)
         with record_routing(self.model) as calls:
-            out = self._sample(prompts, params, generator)
+            out = self._sample(prompts, params, generator, calls)
         routing = assemble(calls, len(out))  # (N, P + steps, L, k); the last sampled token is never fed
         missing = out.prompt_ids.shape[1] + out.response_ids.shape[1] - routing.shape[1]
         routing = torch.cat([routing, routing.new_full((len(out), missing, *routing.shape[2:]), -1)], dim=1)
@@ -158,7 +161,11 @@ class HFRolloutEngine:
         out.routing = routing.cpu().masked_fill(~real[:, :, None, None], -1)
         return out
 
-    def _sample(self, prompts, params: SamplingParams, generator) -> RolloutBatch:
+    def _sample(self, prompts, params: SamplingParams, generator, calls: Optional[list] = None) -> RolloutBatch:
+        """KV-cached sampling. A sequence that has ended (EOS) leaves the batch: later steps run the model
+        on the live rows only (their rows of the cache kept), while every step still draws one uniform
+        per row from ``generator``, so the samples are those of the full batch. ``calls``: an MoE
+        engine's recorded expert choices, whose later calls are widened back to every row (-1: none)."""
         device = next(self.model.parameters()).device
         ids, mask = left_pad(prompts, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
@@ -166,29 +173,39 @@ class HFRolloutEngine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
-        next_pos = pos[:, -1:] + 1
+        next_pos, attn = pos[:, -1:] + 1, mask
+        live = torch.arange(N, device=device)  # the rows still generating: logits, cache, attn, next_pos
         done = torch.zeros(N, dtype=torch.bool, device=device)
         toks, lps, tk_lp, tk_id, alive = [], [], [], [], []
-        attn = mask
         for _ in range(params.max_new_tokens):
             logp = sampling_logprobs(logits, params)
-            tok = sample_categorical(logp.exp(), generator)
-            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            u = torch.rand((N, 1), generator=generator, device=device)  # one per row, live or not
+            tok = torch.full((N,), self.pad_id, dtype=torch.long, device=device)
+            tok[live] = sample_categorical(logp.exp(), u=u[live])
+            lp = torch.zeros(N, dtype=logp.dtype, device=device)
+            lp[live] = logp.gather(-1, tok[live, None]).squeeze(-1)
             alive.append(~done)
             toks.append(tok)
-            lps.append(torch.where(done, 0.0, logp.gather(-1, tok[:, None]).squeeze(-1)))
+            lps.append(lp)
             if params.logprobs_topk:
                 v, i = torch.topk(logp, params.logprobs_topk, dim=-1)
-                tk_lp.append(v)
-                tk_id.append(i)
+                tk_lp.append(torch.zeros((N, v.shape[-1]), dtype=v.dtype, device=device).index_copy(0, live, v))
+                tk_id.append(torch.zeros((N, i.shape[-1]), dtype=i.dtype, device=device).index_copy(0, live, i))
             done = done | (tok == self.eos_id)
             if bool(done.all()):
                 break
-            attn = torch.cat([attn, torch.ones((N, 1), dtype=attn.dtype, device=device)], dim=-1)
-            out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
+            keep = ~done[live]
+            if not bool(keep.all()):  # rows that just ended leave the batch
+                live, attn, next_pos = live[keep], attn[keep], next_pos[keep]
+                cache.batch_select_indices(keep.nonzero().squeeze(-1))
+            attn = torch.cat([attn, torch.ones((len(live), 1), dtype=attn.dtype, device=device)], dim=-1)
+            out = self.model(input_ids=tok[live, None], attention_mask=attn, position_ids=next_pos,
                              past_key_values=cache, use_cache=True)
             cache, logits = out.past_key_values, out.logits[:, -1]
             next_pos = next_pos + 1
+            if calls is not None and len(live) < N:
+                for log in calls:
+                    log[-1] = log[-1].new_full((N, log[-1].shape[-1]), -1).index_copy(0, live, log[-1])
         return RolloutBatch(
             prompt_ids=ids.cpu(), prompt_mask=mask.cpu(),
             response_ids=torch.stack(toks, 1).cpu(), response_mask=torch.stack(alive, 1).long().cpu(),
