@@ -493,3 +493,27 @@ def test_one_ctrl_c_stops_the_grid_and_a_second_compare_is_refused(tiny_model_di
     assert run_io.latest_checkpoint(out / "fp8" / "drpo" / "seed0") is not None  # it checkpointed as it stopped
 
 
+
+
+def test_bad_study_input_is_one_line(tmp_path):
+    """A map without PG-IS (stage 2 cannot choose its cells), an unknown stress setting, an unknown rollout
+    precision: one line, exit 2."""
+    from helpers import assert_one_line
+
+    g = expand("nopgis", [Block("b", "", ("drpo",), (cell(1e-3, 0, "fp8"),), (100,))], GRID_BASE)
+    m = tmp_path / "m"
+    fake_run(m, g, "drpo", cell(1e-3, 0, "fp8"), 100, final=0.5)
+    compare.write_manifest(m, g)
+    assert_one_line(CliRunner().invoke(app, ["compare", "--grid", "decide", "--map", str(m), "--out",
+                                             str(tmp_path / "d")]), 2, "has no PG-IS runs")
+    p = tmp_path / "g.yaml"
+    p.write_text("blocks:\n  - {name: b, methods: [drpo], settings: [lr5e-4_s3_fp8], seeds: 1}\n")
+    assert_one_line(CliRunner().invoke(app, ["compare", "--grid", str(p), "--out", str(tmp_path / "x")]), 2,
+                    "unknown method/setting ['lr5e-4_s3_fp8']")
+    assert_one_line(CliRunner().invoke(app, ["compare", "--quick", "--out", str(tmp_path / "y"),
+                                             "eval.prompts=0"]), 2, "eval.prompts")
+    # a key the grid's settings set cannot be a base override: it would be silently ignored
+    assert_one_line(CliRunner().invoke(app, ["compare", "--quick", "--out", str(tmp_path / "y"),
+                                             "rollout.precision=bf16"]), 2,
+                    "override rollout.precision is set by the grid's setting")
+    assert not (tmp_path / "y").exists()  # refused before anything ran

@@ -301,8 +301,23 @@ def build_grid(name: str = "map", *, seeds: Optional[int] = None, steps: Optiona
         chosen = tuple(Block(b.name, b.claims, b.methods, b.settings, b.seeds[:seeds]) for b in chosen)
     extra = ([f"train.steps={steps}"] if steps is not None else []) + list(overrides)
     grid = expand(name, chosen, tuple(base) + tuple(extra), claims, notes)
-    load_config(None, list(grid.runs[0].overrides) if grid.runs else list(grid.base))  # bad overrides fail here
+    _check_overrides(overrides, chosen)
+    load_config(None, list(grid.base))  # bad overrides fail here, before any run
+    if grid.runs:
+        load_config(None, list(grid.runs[0].overrides))
     return grid
+
+
+def _check_overrides(overrides: Sequence[str], blocks: Sequence[Block]) -> None:
+    """A user's base override may not set a key the grid's methods or settings set: the run's own value
+    would silently win, and the grid would not be what the user asked for."""
+    key = lambda item: item.split("=", 1)[0].strip()  # noqa: E731
+    owned = {key(o): f"setting {s!r}" for b in blocks for s in b.settings for o in SETTINGS[s].overrides}
+    owned.update({key(o): f"method {m!r}" for b in blocks for m in b.methods for o in METHODS[m].overrides()})
+    taken = [(key(o), owned[key(o)]) for o in overrides if key(o) in owned]
+    if taken:
+        raise ValueError(f"override {taken[0][0]} is set by the grid's {taken[0][1]} (and would be ignored); choose "
+                         "another grid or setting, or a YAML grid file with your own settings")
 
 
 def _load_yaml_grid(path: Path) -> tuple[tuple[Block, ...], tuple[str, ...], list]:
