@@ -119,6 +119,15 @@ def _plt():
     return plt
 
 
+def _finish(plt, fig, ax, path: Path) -> Path:
+    """A one-axis figure's grid and legend, written to ``path``."""
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -380,11 +389,7 @@ def plot_delta(runs: Runs, settings: list[str], path: Path) -> Optional[Path]:
             line, = ax.plot(steps, mean, label=s)
             ax.fill_between(steps, np.maximum(lo, 1e-3), hi, color=line.get_color(), alpha=0.15)
     ax.set(yscale="log", xlabel="step", ylabel="delta", title="adaptive delta (mean, 95% CI over seeds)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path)
 
 
 def section_curves(ctx: Context) -> list[str]:
@@ -456,11 +461,7 @@ def plot_ratio_vs_shift(all_runs: list[RunResult], path: Path) -> Path:
             ax.scatter(xs, ys, s=6, alpha=0.4, label=f"{b} ({len(xs)} steps)")
     ax.set(xscale="log", yscale="log", xlabel="mean |pi - mu| (probability shift)", ylabel="mean |r - 1| (ratio deviation)",
            title="ratio deviation vs probability shift, per mu bucket")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path)
 
 
 def section_ratio_proxy(ctx: Context) -> list[str]:
