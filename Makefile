@@ -56,9 +56,10 @@ test: setup-all setup-vllm
 geometry: setup
 	$(VENV)/bin/drpo geometry --out docs/figures
 
-# the default grid has a vLLM setting: it runs in .venv-vllm (the HF settings run there too)
-compare: setup-vllm
-	$(VLLM_VENV)/bin/drpo compare --workers 2 --out runs/compare --report docs/compare
+# the stability study: stage 1 (the map), then stage 2 at the cells the map's PG-IS runs choose
+compare: setup
+	$(VENV)/bin/drpo compare --grid map --workers 2 --out runs/map
+	$(VENV)/bin/drpo compare --grid decide --map runs/map --workers 2 --out runs/decide --report docs/compare
 
 bench: setup-all
 	$(PY) benchmarks/logprob_bench.py

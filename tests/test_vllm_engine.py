@@ -26,6 +26,8 @@ from drpo.rollout.engine import HFRolloutEngine, SamplingParams, sampling_logpro
 from drpo.rollout.vllm_engine import MISSING_VLLM, import_vllm
 from drpo.training.logprobs import response_logprobs
 
+pytestmark = pytest.mark.slow  # the engine starts processes (its compiler's workers, vLLM's own)
+
 REQUIRE_VLLM = os.environ.get("DRPO_REQUIRE_VLLM") == "1"
 PROMPTS = [[3 + (7 * i + j) % 2000 for j in range(4 + i % 5)] for i in range(16)]  # 16 prompts, 4-8 tokens
 EOS, PAD = 1, 0  # the built-in tokenizer's
