@@ -47,18 +47,10 @@ class RunCollapsed(RuntimeError):
     """train.stop_on_collapse: the run collapsed beyond recovery and was stopped early."""
 
 
-class RunFailed(RuntimeError):
-    """The run cannot go on for a reason its message says in one line (``cause`` names the kind)."""
-
-    def __init__(self, message: str, cause: str) -> None:
-        super().__init__(message)
-        self.cause = cause
-
-
 # failures of a run's parts that stop it with status 'failed' and the cause named here
 CAUSES: dict[type, str] = {RolloutWorkerError: "rollout_worker", RewardError: "reward"}
 # what a run raises that says, in one line, why it stopped (the CLI prints it and exits 1)
-ONE_LINE_STOPS = (TrainingDiverged, RunCollapsed, RunFailed, run_io.DiskFull, *CAUSES)
+ONE_LINE_STOPS = (TrainingDiverged, RunCollapsed, run_io.DiskFull, *CAUSES)
 
 
 def default_out(objective: str) -> str:
@@ -152,9 +144,6 @@ class RunLifecycle:
             raise
         except RunCollapsed as e:
             self._fail("collapsed", e)
-            raise
-        except RunFailed as e:
-            self._fail("failed", e, cause=e.cause)
             raise
         except tuple(CAUSES) as e:
             self._fail("failed", e, cause=next(c for t, c in CAUSES.items() if isinstance(e, t)))
