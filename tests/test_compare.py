@@ -452,7 +452,9 @@ def _compare_process(out: Path, model_dir: str, steps: int, workers: int = 1) ->
     return subprocess.Popen([sys.executable, "-m", "drpo.cli", "compare", "--quick", "--out", str(out), "--steps",
                              str(steps), "--workers", str(workers), *tiny(model_dir)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # its own process group: a signal here is for it alone
+                            start_new_session=True,  # its own process group: a signal here is for it alone
+                            # started as a shell starts a background job (CI does): SIGINT ignored on entry
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 
 
 def _wait_for(cond, timeout: float = 120.0) -> None:

@@ -13,6 +13,7 @@ Exit codes and what is printed:
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import List, NoReturn, Optional
@@ -250,6 +251,9 @@ def compare(
 
 
 def main() -> None:
+    # A shell that starts a command in the background (``cmd &`` in a script, CI) leaves SIGINT ignored, and
+    # Python then keeps it ignored: ``kill -INT`` and Ctrl-C would do nothing. They stop a run or a grid.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         app()
     except KeyboardInterrupt:
