@@ -11,7 +11,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -198,6 +198,7 @@ def plot_map(runs: Runs, methods: list[str], lrs: list[float], rows: list[str], 
     plt = _plt()
     fig, axes = plt.subplots(2, len(methods), figsize=(2.7 * len(methods) + 1, 6.2), constrained_layout=True,
                              squeeze=False)
+    ims: dict[int, Any] = {}
     for j, m in enumerate(methods):
         for i, (what, cmap, vmax) in enumerate((("collapse rate", "Reds", 1.0), ("final accuracy", "viridis", None))):
             grid = np.full((len(rows), len(lrs)), np.nan)
@@ -215,17 +216,19 @@ def plot_map(runs: Runs, methods: list[str], lrs: list[float], rows: list[str], 
                         if v:
                             grid[a, b], text[a][b] = float(np.mean(v)), f"{np.mean(v):.2f}"
             ax = axes[i, j]
-            im = ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=vmax if vmax else 0.8, aspect="auto")
+            ims[i] = ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=vmax if vmax else 0.8, aspect="auto")
             for a in range(len(rows)):
                 for b in range(len(lrs)):
+                    dark = np.isfinite(grid[a, b]) and (grid[a, b] > 0.6 if i == 0 else grid[a, b] < 0.4)
                     ax.text(b, a, text[a][b], ha="center", va="center", fontsize=8,
-                            color="black" if i == 0 or not np.isfinite(grid[a, b]) or grid[a, b] > 0.4 else "white")
+                            color="white" if dark else "black")
             ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], fontsize=7)
             ax.set_yticks(range(len(rows)), [_row_label(r) for r in rows] if j == 0 else [], fontsize=7)
             ax.set_title(f"{labels(m)}\n{what}", fontsize=8)
             if i == 1:
                 ax.set_xlabel("learning rate", fontsize=7)
-        fig.colorbar(im, ax=axes[1, -1], shrink=0.8)
+    for i, label in enumerate(("share of seeds collapsed", "mean final accuracy")):  # one scale per row
+        fig.colorbar(ims[i], ax=list(axes[i]), shrink=0.8, label=label)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
