@@ -46,26 +46,9 @@ from drpo.models.moe import experts_modules
 from drpo.models.tiny import build_tiny_model, tiny_config
 from drpo.builtin.tokenizer import build_tokenizer
 from drpo.rollout.engine import HFRolloutEngine, SamplingParams, left_pad
-from drpo.rollout.precision import RoundSTE, use_bf16_compute_
+from drpo.rollout.precision import loop_bf16_experts_forward, use_bf16_compute_
 from drpo.tasks.arithmetic import ArithmeticTask
 from drpo.training.logprobs import response_logprobs
-
-
-def loop_bf16_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                              top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The engine's bf16-rounding experts forward before it was batched: a Python loop over the
-    experts hit, one small matmul pair each (the baseline the engine rows compare against)."""
-    R = RoundSTE.apply
-    x = R(hidden_states)
-    w_gu = RoundSTE.apply(self.gate_up_proj) if self._drpo_round_weight else self.gate_up_proj
-    w_d = RoundSTE.apply(self.down_proj) if self._drpo_round_weight else self.down_proj
-    out = torch.zeros_like(x)
-    for e in top_k_index.unique().tolist():
-        pos, tok = torch.where(top_k_index.T == e)
-        gate, up = R(nn.functional.linear(x[tok], w_gu[e])).chunk(2, dim=-1)
-        y = R(nn.functional.linear(R(self.act_fn(gate) * up), w_d[e]))
-        out.index_add_(0, tok, y * top_k_weights[tok, pos, None])
-    return R(out)
 
 
 def use_loop_experts_(model: nn.Module) -> None:

@@ -18,7 +18,7 @@ from drpo.models.moe import EXPERTS_IMPLEMENTATION, experts_modules, given_routi
 from drpo.models.tiny import build_tiny_model, tiny_qwen3_moe_config
 from drpo.builtin.tokenizer import build_tokenizer
 from drpo.rollout.engine import HFRolloutEngine, SamplingParams
-from drpo.rollout.precision import FP8_MAX, RoundSTE, _bf16_experts_forward, use_bf16_compute_
+from drpo.rollout.precision import FP8_MAX, _bf16_experts_forward, loop_bf16_experts_forward, use_bf16_compute_
 from drpo.training.config import ConfigError, load_config
 from drpo.training.logprobs import response_logprobs
 from drpo.training.trainer import Trainer
@@ -269,23 +269,6 @@ def test_saved_and_loaded_moe_keeps_outputs_and_the_grouped_experts(tmp_path, ti
 
 # ---------------------------------------------------------------- the bf16-rounding experts (engine, bf16 trainer)
 
-def reference_bf16_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                                   top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The per-expert loop drpo.rollout.precision used before it was batched (the reference):
-    every matmul's input and output rounded to bf16, each expert's tokens gathered in turn."""
-    R = RoundSTE.apply
-    x = R(hidden_states)
-    w_gu = RoundSTE.apply(self.gate_up_proj) if self._drpo_round_weight else self.gate_up_proj
-    w_d = RoundSTE.apply(self.down_proj) if self._drpo_round_weight else self.down_proj
-    out = torch.zeros_like(x)
-    for e in top_k_index.unique().tolist():
-        pos, tok = torch.where(top_k_index.T == e)
-        gate, up = R(nn.functional.linear(x[tok], w_gu[e])).chunk(2, dim=-1)
-        y = R(nn.functional.linear(R(self.act_fn(gate) * up), w_d[e]))
-        out.index_add_(0, tok, y * top_k_weights[tok, pos, None])
-    return R(out)
-
-
 def assert_bf16_equal(got: torch.Tensor, ref: torch.Tensor) -> None:
     """Both on the bf16 grid and equal, except that a different order of fp32 additions before a
     rounding may move a rare value by one bf16 step (2^-8 relative). A missing or extra rounding point
@@ -309,7 +292,7 @@ def test_bf16_experts_forward_matches_the_per_expert_rounding_loop(round_weights
     gates = torch.softmax(torch.randn(tokens, 2, generator=g), -1)
     upstream = torch.randn(tokens, 64, generator=g)
     res = []
-    for fwd in (_bf16_experts_forward, reference_bf16_experts_forward):
+    for fwd in (_bf16_experts_forward, loop_bf16_experts_forward):
         experts.zero_grad(set_to_none=True)
         hh, gg = h.clone().requires_grad_(), gates.clone().requires_grad_()
         out = fwd(experts, hh, idx, gg)
@@ -333,7 +316,7 @@ def test_fp8_engine_and_bf16_trainer_equal_the_per_expert_rounding_loop():
         eng = HFRolloutEngine(model, precision="fp8", eos_id=1, pad_id=0)
         if loop:
             for m in experts_modules(eng.model):
-                m.forward = types.MethodType(reference_bf16_experts_forward, m)
+                m.forward = types.MethodType(loop_bf16_experts_forward, m)
         batches.append(eng.generate(prompts, SamplingParams(max_new_tokens=8, n=4), torch.Generator().manual_seed(0)))
     new, ref = batches
     assert torch.equal(new.response_ids, ref.response_ids) and torch.equal(new.routing, ref.routing)
@@ -343,7 +326,7 @@ def test_fp8_engine_and_bf16_trainer_equal_the_per_expert_rounding_loop():
     for t in trainers:
         use_bf16_compute_(t, round_weights=True)
     for m in experts_modules(trainers[1]):
-        m.forward = types.MethodType(reference_bf16_experts_forward, m)
+        m.forward = types.MethodType(loop_bf16_experts_forward, m)
     batch = random_batch(6, 7, 5, seed=7)
     (lp, ent, grads), (lp_ref, ent_ref, grads_ref) = [loss_and_grads(t, batch) for t in trainers]
     torch.testing.assert_close(lp, lp_ref, rtol=1e-5, atol=1e-5)

@@ -249,6 +249,24 @@ def _bf16_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_in
     return R((y * top_k_weights.unsqueeze(-1).to(y.dtype)).sum(dim=1))
 
 
+def loop_bf16_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                              top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The readable reference of :func:`_bf16_experts_forward` (what the engine ran before it was
+    batched): a Python loop over the experts hit, one small matmul pair each, with the same rounding
+    points. Tests check the batched forward against it; benchmarks/moe_cost.py times both."""
+    R = RoundSTE.apply
+    x = R(hidden_states)
+    w_gu = R(self.gate_up_proj) if self._drpo_round_weight else self.gate_up_proj
+    w_d = R(self.down_proj) if self._drpo_round_weight else self.down_proj
+    out = torch.zeros_like(x)
+    for e in top_k_index.unique().tolist():
+        pos, tok = torch.where(top_k_index.T == e)
+        gate, up = R(nn.functional.linear(x[tok], w_gu[e])).chunk(2, dim=-1)
+        y = R(nn.functional.linear(R(self.act_fn(gate) * up), w_d[e]))
+        out.index_add_(0, tok, y * top_k_weights[tok, pos, None])
+    return R(out)
+
+
 def use_bf16_compute_(model: nn.Module, *, round_weights: bool) -> None:
     """Make every Linear compute as bf16 hardware would: inputs and outputs rounded to bf16
     (fp32 accumulation), and with ``round_weights`` the weights too, on the fly (straight-through
