@@ -7,7 +7,7 @@
 
 Idle OpenMP threads sleep instead of spinning (drpo.utils.omp), so a thread whose core is taken costs
 little; the count still matters: two threads on one free core run slower than one. A run records the
-count it chose (``train/threads``, and in its checkpoints), and a resumed run keeps it, so that its
+count it chose (``threads`` in status.json and in its checkpoints), and a resumed run keeps it, so that its
 numbers are those of the uninterrupted run (CPU reductions depend on the thread count).
 Measured on the development machine, idle and with one and two busy processes:
 benchmarks/thread_policy.py (table in benchmarks/README.md).
