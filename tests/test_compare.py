@@ -3,6 +3,7 @@ synthetic metrics, and the ``--quick`` CLI path end to end (tiny model, few step
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import random
@@ -519,3 +520,11 @@ def test_bad_study_input_is_one_line(tmp_path):
                                              "rollout.precision=bf16"]), 2,
                     "override rollout.precision is set by the grid's setting")
     assert not (tmp_path / "y").exists()  # refused before anything ran
+
+
+def test_a_pipe_in_a_report_cell_is_escaped_not_a_column_break():
+    from drpo.experiments.report import _table
+
+    t = _table(["claim", "verdict"], [["removing |A| weighting hurts", "inconclusive"]]).splitlines()
+    # a Markdown row splits on unescaped pipes only: 2 columns, as in the header
+    assert [len([c for c in re.split(r"(?<!\\)\|", row)[1:-1]]) for row in (t[0], t[2])] == [2, 2], t

@@ -129,8 +129,12 @@ def _finish(plt, fig, ax, path: Path) -> Path:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    """A Markdown table; a "|" inside a cell (the claim "|A| weighting") is escaped, not a column break."""
+    def cells(r: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |"
+
+    lines = [cells(header), "|" + "---|" * len(header)]
+    lines += [cells(r) for r in rows]
     return "\n".join(lines)
 
 
@@ -476,7 +480,7 @@ def section_ratio_proxy(ctx: Context) -> list[str]:
             "against the mean \\|pi - mu\\| of the tokens in one behaviour-probability bucket. Were the ratio a "
             "faithful proxy, the buckets would lie on one curve; the paper argues that rare tokens show a far "
             "larger ratio deviation for the same probability shift. The last column is the ratio of the two means.", "",
-            _table(["bucket", "mean \\|pi - mu\\|", "mean \\|r - 1\\|", "\\|r - 1\\| / \\|pi - mu\\|"],
+            _table(["bucket", "mean |pi - mu|", "mean |r - 1|", "|r - 1| / |pi - mu|"],
                    [[b, shift[b].fmt(digits=4), dev[b].fmt(digits=4),
                      f"{dev[b].mean / shift[b].mean:.1f}" if shift[b].n and shift[b].mean > 0 else "-"]
                     for b in BUCKETS]), "",
