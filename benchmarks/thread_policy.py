@@ -1,6 +1,6 @@
 """The default run's step time on an idle machine and beside one and two busy processes, for fixed thread
 counts with OpenMP's spinning and passive wait policies, and for drpo's default policy (threads unset:
-passive wait, free cores at start; drpo.training.threads).
+the cores free at start, OpenMP's default wait policy; drpo.training.threads).
 
     python benchmarks/thread_policy.py [--steps 12] [--out benchmarks/results/thread_policy.json]
 

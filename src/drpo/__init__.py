@@ -6,11 +6,7 @@ Public API
 - :func:`register_objective`, :func:`list_objectives` -- the objective registry.
 - :func:`verify` -- rule-based math answer checker (``\\boxed{}``) on top of math-verify.
 """
-from drpo.utils.omp import prefer_passive_wait
-
-prefer_passive_wait()  # before torch loads OpenMP (drpo.utils.omp says why)
-
-from drpo.objectives import (  # noqa: E402, F401
+from drpo.objectives import (  # noqa: F401
     RolloutCorrection,
     list_objectives,
     policy_loss,

@@ -5,8 +5,11 @@
                      processes keep busy at start (sampled from /proc/stat over 0.2 s), split between
                      the trainer and the rollout worker when rollout.staleness >= 1; at least 1.
 
-Idle OpenMP threads sleep instead of spinning (drpo.utils.omp), so a thread whose core is taken costs
-little; the count still matters: two threads on one free core run slower than one. A run records the
+OpenMP keeps its default wait policy (idle threads spin for a while): measured on the development
+machine, ``OMP_WAIT_POLICY=PASSIVE`` made the idle default run 45% slower with two threads (0.89 against
+0.61 s per step), and under load this policy already runs one thread per free core, where the wait policy
+does not matter. Load that starts after the run has started is not seen: set ``threads=1`` then.
+A run records the
 count it chose (``threads`` in status.json and in its checkpoints), and a resumed run keeps it, so that its
 numbers are those of the uninterrupted run (CPU reductions depend on the thread count).
 Measured on the development machine, idle and with one and two busy processes:
