@@ -9,9 +9,9 @@ OpenMP keeps its default wait policy (idle threads spin for a while): measured o
 machine, ``OMP_WAIT_POLICY=PASSIVE`` made the idle default run 45% slower with two threads (0.89 against
 0.61 s per step), and under load this policy already runs one thread per free core, where the wait policy
 does not matter. Load that starts after the run has started is not seen: set ``threads=1`` then.
-A run records the
-count it chose (``threads`` in status.json and in its checkpoints), and a resumed run keeps it, so that its
-numbers are those of the uninterrupted run (CPU reductions depend on the thread count).
+
+A run records the count it chose (``threads`` in status.json and in its checkpoints), and a resumed run
+keeps it, so that its numbers are those of the uninterrupted run (CPU reductions depend on the thread count).
 Measured on the development machine, idle and with one and two busy processes:
 benchmarks/thread_policy.py (table in benchmarks/README.md).
 """
