@@ -51,6 +51,7 @@ from drpo.rollout.collect import Collected, Collector
 from drpo.rollout.config import RolloutConfig
 from drpo.rollout.engine import RolloutBatch, SamplingParams
 from drpo.rollout.factory import make_engine
+from drpo.utils.memory import keep_freed_memory
 
 StateDict = dict[str, torch.Tensor]
 WATCHDOG_S = 1.0  # how often the worker checks that the trainer is still alive
@@ -172,6 +173,7 @@ def _worker_main(spec: WorkerSpec, commands, conn, parent: int) -> None:
     sender.start()
     try:
         torch.set_num_threads(spec.threads)
+        keep_freed_memory()
         from transformers import AutoModelForCausalLM
 
         known: dict[int, StateDict] = {}

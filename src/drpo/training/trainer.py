@@ -37,6 +37,7 @@ from drpo.training.logprobs import response_logprobs
 from drpo.training.metrics import Clock, MetricAccumulator
 from drpo.training.optim import make_optimizer
 from drpo.training.threads import apply_thread_policy
+from drpo.utils.memory import keep_freed_memory
 from drpo.utils.seeding import SALT_EVAL_SAMPLING, SALT_MINIBATCH_ORDER, step_seed
 
 
@@ -75,6 +76,7 @@ class Trainer:
         resumed = self.life.checkpoint[1]["state"].get("threads") if self.life.checkpoint else None
         self.threads = self.life.info["threads"] = apply_thread_policy(  # the count it computes with (status.json)
             cfg.threads, processes=2 if cfg.rollout.staleness else 1, resumed=resumed)
+        keep_freed_memory()  # freed tensors stay in the process for the next step (drpo.utils.memory)
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
         require_engine(cfg.rollout.engine)  # before the model loads: without vLLM this run cannot start
