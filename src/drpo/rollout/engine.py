@@ -66,6 +66,27 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
+    def compact(self) -> "RolloutBatch":
+        """The same rows without the columns that are padding in every row: the leading prompt columns and
+        the trailing response columns (a model then runs on this batch's own longest prompt and response)."""
+        P = self.prompt_mask.shape[1]
+        used_p, used_r = self.prompt_mask.any(0).nonzero(), self.response_mask.any(0).nonzero()
+        p0 = int(used_p[0]) if len(used_p) else P
+        r1 = int(used_r[-1]) + 1 if len(used_r) else 0
+        prompt, response, sequence = slice(p0, P), slice(0, r1), slice(p0, P + r1)
+        cols = {"prompt_ids": prompt, "prompt_mask": prompt, "routing": sequence, "prompt_index": None}
+
+        def cut(name: str, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            keep = cols.get(name, response)  # the other tensors are (N, R, ...)
+            return t if t is None or keep is None else t[:, keep]
+
+        return RolloutBatch(**{f.name: cut(f.name, getattr(self, f.name)) for f in fields(self)})
+
+    def by_length(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` ordered by (prompt length, response length), so that consecutive rows pad little."""
+        key = self.prompt_mask[rows].sum(-1) * (self.response_mask.shape[1] + 1) + self.response_mask[rows].sum(-1)
+        return rows[torch.sort(key, stable=True).indices]
+
     def select(self, idx: torch.Tensor) -> "RolloutBatch":
         return RolloutBatch(**{f.name: None if (t := getattr(self, f.name)) is None else t[idx]
                                for f in fields(self)})

@@ -57,6 +57,11 @@ class LossInputs:
         return {**{k: v[idx].to(device) for k, v in take.items()}, **self.fixed}
 
 
+def _pad_responses(x: torch.Tensor, R: int) -> torch.Tensor:
+    """``x`` (N, r, ...) with zeros appended along the response dimension up to R columns."""
+    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, R - x.shape[1]))
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, notify=print) -> None:
         """Set up a run in ``cfg.out`` (with ``resume``, continue the one there). Everything the configuration
@@ -168,7 +173,9 @@ class Trainer:
     def _logprobs(self, mb: RolloutBatch, with_entropy: bool, routing: Optional[RoutingStats] = None):
         """log pi (and entropy, top-K log pi) of ``mb``'s responses. An MoE model's forward compares its
         expert choices with the engine's (counted into ``routing``) and, with train.routing_replay,
-        uses the engine's."""
+        uses the engine's. The model runs on the micro-batch's own longest prompt and response
+        (:meth:`RolloutBatch.compact`); the outputs are (N, R) again, 0 on the columns it dropped."""
+        R, mb = mb.response_ids.shape[1], mb.compact()
         d, given = self.device, mb.routing.to(self.device) if mb.routing is not None else None
         ctx = torch.autocast(d.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
         with ctx, given_routing(self.model, given, replay=self.cfg.train.routing_replay) as stats:
@@ -178,7 +185,7 @@ class Trainer:
                                     topk_ids=mb.topk_ids.to(d) if mb.topk_ids is not None else None)
         if routing is not None:
             routing.add(stats)
-        return out
+        return tuple(None if x is None else _pad_responses(x, R) for x in out)
 
     def micro_batch_loss(self, mb: RolloutBatch, inputs: dict[str, Any], counts: dict[str, float], clock: Clock,
                          routing: Optional[RoutingStats] = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -204,6 +211,7 @@ class Trainer:
         for _ in range(t.epochs):
             perm = rows[torch.randperm(rows.numel(), generator=gen)]
             for mb_rows in perm.chunk(t.minibatches):
+                mb_rows = batch.by_length(mb_rows)  # micro-batches of similar lengths: little padding
                 mask_mb = batch.response_mask[mb_rows]
                 counts = {"global_token_count": float(mask_mb.sum()),
                           "global_seq_count": float((mask_mb.sum(-1) > 0).sum())}
