@@ -198,7 +198,7 @@ def test_sample_categorical_draws_from_the_distribution_and_never_a_zero_probabi
 
 
 def _full_batch_sample(eng, prompts, params, generator):
-    """The engine's sampling loop without dropping ended rows (the reference the compaction must match)."""
+    """The engine's sampling loop with every row's prompt run and no ended row dropped (the reference)."""
     from drpo.rollout.engine import left_pad
 
     ids, mask = left_pad(prompts, eng.pad_id)
@@ -224,8 +224,9 @@ def _full_batch_sample(eng, prompts, params, generator):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp8"])
 def test_rows_that_ended_leave_the_batch_with_the_same_samples(policy, precision):
-    """The engine runs the model on the live rows only once some have ended (EOS), drawing the same
-    uniforms: tokens equal the full-batch loop's, log mu to float rounding."""
+    """The engine runs each prompt once for its n samples and the model on the live rows only once some
+    have ended (EOS), drawing the same uniforms: tokens equal those of the loop over every row (every row's
+    prompt run, every row kept), log mu to float rounding."""
     tok, model, prompts = policy
     eng = _engine(model, tok, precision)
     params = SamplingParams(n=16, max_new_tokens=12)

@@ -13,6 +13,7 @@ mu == pi at the first minibatch up to float error.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
@@ -183,17 +184,27 @@ class HFRolloutEngine:
         return out
 
     def _sample(self, prompts, params: SamplingParams, generator, calls: Optional[list] = None) -> RolloutBatch:
-        """KV-cached sampling. A sequence that has ended (EOS) leaves the batch: later steps run the model
-        on the live rows only (their rows of the cache kept), while every step still draws one uniform
-        per row from ``generator``, so the samples are those of the full batch. ``calls``: an MoE
-        engine's recorded expert choices, whose later calls are widened back to every row (-1: none)."""
+        """KV-cached sampling. The prompt is run once per run of equal consecutive prompts (the ``n``
+        samples of one prompt): its cache rows and last logits are repeated for each sample, and only
+        the last position's logits are computed. A sequence that has ended (EOS) leaves the batch:
+        later steps run the model on the live rows only (their rows of the cache kept), while every
+        step still draws one uniform per row from ``generator``, so the samples are those of the full
+        batch. ``calls``: an MoE engine's recorded expert choices, widened to every row (-1: none)."""
         device = next(self.model.parameters()).device
-        ids, mask = left_pad(prompts, self.pad_id)
+        distinct = [list(p) for p, _ in itertools.groupby(prompts, key=tuple)]
+        repeat = torch.tensor([len(list(g)) for _, g in itertools.groupby(prompts, key=tuple)], device=device)
+        rows = torch.arange(len(distinct), device=device).repeat_interleave(repeat)  # row -> its prompt's run
+        ids, mask = left_pad(distinct, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        N = ids.shape[0]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[rows, -1]
+        if len(distinct) < len(rows):
+            cache.batch_select_indices(rows)
+            for log in calls or []:  # the prompt's call: (distinct x P, k) -> (rows x P, k)
+                log[-1] = log[-1].view(len(distinct), -1, log[-1].shape[-1])[rows].flatten(0, 1)
+        ids, mask, pos = ids[rows], mask[rows], pos[rows]
+        N = ids.shape[0]
         next_pos, attn = pos[:, -1:] + 1, mask
         live = torch.arange(N, device=device)  # the rows still generating: logits, cache, attn, next_pos
         done = torch.zeros(N, dtype=torch.bool, device=device)
