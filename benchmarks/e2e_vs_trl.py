@@ -7,8 +7,13 @@ Both sides train the SAME model folder (the built-in warm-started tiny Qwen3), l
 (``drpo.models.loading.load_policy``: float32), on arithmetic prompts of difficulty 1, with the
 same batch (P prompts x G samples each), the same sampling (temperature 1, top-p 1, no top-k,
 at most L new tokens, stopping at EOS), one optimiser step per rollout batch, the same learning
-rate, AdamW, gradient clipping at 1.0, no KL term, and the same number of threads, in the same
-process, one after the other (``--order`` picks which goes first).
+rate, AdamW, gradient clipping at 1.0, no KL term, and the same number of threads, one after the
+other (``--order`` picks which goes first), each in a fresh process of its own: a side runs with its
+own library's process settings (ours: the trainer's thread count and its memory policy,
+``drpo.utils.memory``) and inherits nothing of the other's (its warm caches, its allocator state).
+Both sides score with ``drpo.verify``; each process starts its verifier worker before its timed
+steps (a check that needs math-verify), so that neither side's timed steps pay that one-off start-up
+(~0.7 s; before, the side that ran first paid it inside a timed step and the second found it warm).
 
 One *step* is everything from sampling a batch to the end of its optimiser step (ours: one call
 of ``Trainer.step``; TRL: the interval between two ``on_step_end`` callbacks, i.e. generation,
@@ -39,6 +44,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -284,6 +290,18 @@ def run_trl(model: str, workdir: Path, a) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- main
+def run_side(a) -> None:
+    """One side, in this (fresh) process: start the verifier's worker, run, write the result to --side-out."""
+    from drpo import verify
+    from drpo.models.loading import resolve_model
+
+    assert verify("\\boxed{1/2}", "0.5")  # not equal as text: math-verify decides, in a worker started now
+    model = resolve_model(a.model)
+    with tempfile.TemporaryDirectory(prefix=f"e2e_{a.side}_") as tmp:
+        res = (run_ours if a.side == "ours" else run_trl)(model, Path(tmp), a)
+    a.side_out.write_text(json.dumps(res))
+
+
 def check_tokenizer(model: str) -> dict:
     """TRL tokenises plain-string prompts with special tokens on, ours with them off: same ids?"""
     from drpo.tasks.arithmetic import ArithmeticTask
@@ -326,10 +344,15 @@ def main() -> None:
     p.add_argument("--order", choices=("ours-first", "trl-first"), default="ours-first")
     p.add_argument("--target", type=float, default=2.0, help="required ours/TRL steps/s ratio")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--side", choices=("ours", "trl"), default=None, help=argparse.SUPPRESS)  # one side, in a child
+    p.add_argument("--side-out", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.quick:
         a.prompts, a.group, a.steps = 4, 4, 3
     torch.set_num_threads(a.threads)
+    if a.side:
+        run_side(a)
+        return
 
     from drpo.models.loading import resolve_model
     import transformers
@@ -343,13 +366,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="e2e_vs_trl_") as tmp:
         work = Path(tmp)
         order = ("ours", "trl") if a.order == "ours-first" else ("trl", "ours")
-        for side in order:
+        for side in order:  # each side in a fresh process (module docstring)
             before = loadavg()
             t0 = time.perf_counter()
-            if side == "ours":
-                res = run_ours(model, work, a)
-            else:
-                res = run_trl(model, work, a)
+            out = work / f"{side}.json"
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side, "--side-out", str(out)],
+                           check=True)
+            res = json.loads(out.read_text())
             res["wall_s"] = time.perf_counter() - t0
             res["loadavg_before"], res["loadavg_after"] = before, loadavg()
             results[side] = res
