@@ -9,6 +9,14 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+try:  # matplotlib builds its font cache on first use, running fc-list: do it here, once, not inside a fast test
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.font_manager  # noqa: F401,E402
+except ImportError:
+    pass
+
 
 @pytest.fixture(autouse=True)
 def _slow_work_needs_the_slow_mark(request, monkeypatch):
