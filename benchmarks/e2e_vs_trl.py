@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -117,11 +118,12 @@ def run_ours(model: str, workdir: Path, a) -> dict:
     tr.step(0)  # warm-up (with a rollout worker: its start and first batch)
     warmup_s = time.perf_counter() - t0
     threads = torch.get_num_threads()
-    steps, toks, lens, logged = [], [], [], defaultdict(list)
+    steps, toks, lens, logged, faults = [], [], [], defaultdict(list), []
     for i in range(1, a.steps + 1):
-        t0 = time.perf_counter()
+        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         m = tr.step(i)
         steps.append(time.perf_counter() - t0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         lens.append(m["response/length_mean"])
         toks.append(m["response/length_mean"] * n_seq)
         for k, v in m.items():
@@ -131,6 +133,7 @@ def run_ours(model: str, workdir: Path, a) -> dict:
     tr.life.lock.release()
     res = summarize(steps, toks, lens)
     res.update(warmup_s=warmup_s, threads=threads, step_times_s=steps,
+               minor_page_faults_per_step=statistics.fmean(faults),  # this process's (drpo.utils.memory)
                reward_mean=statistics.fmean(logged.pop("reward/mean")),
                optimizer=type(tr.optimizer).__name__, profile=profile(logged, a.staleness))
     return res
@@ -344,13 +347,17 @@ def main() -> None:
     p.add_argument("--order", choices=("ours-first", "trl-first"), default="ours-first")
     p.add_argument("--target", type=float, default=2.0, help="required ours/TRL steps/s ratio")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--side", choices=("ours", "trl"), default=None, help=argparse.SUPPRESS)  # one side, in a child
-    p.add_argument("--side-out", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=("ours", "trl"), default=None,
+                   help="run only this side, in this process, and write its results to --side-out (what main "
+                        "does in a child process per side; with PYTHONPATH=<checkout>/src it times another version)")
+    p.add_argument("--side-out", type=Path, default=None)
     a = p.parse_args()
     if a.quick:
         a.prompts, a.group, a.steps = 4, 4, 3
     torch.set_num_threads(a.threads)
     if a.side:
+        if a.side_out is None:
+            p.error("--side needs --side-out")
         run_side(a)
         return
 
