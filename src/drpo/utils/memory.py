@@ -3,11 +3,14 @@
 glibc's ``malloc`` serves a request above its mmap threshold (128 KiB, raised dynamically up to 32 MiB)
 with a fresh ``mmap`` and returns it to the kernel on ``free``; it also gives back the top of its heap
 once more than its trim threshold is free there. A CPU training step allocates and frees the same few
-megabyte-sized tensors (activations, their gradients, the logits chunks) again and again, so every step
-pays the kernel for zeroed pages afresh: measured on the development machine (a virtual machine, ~3 us
-per page fault), the benchmark step of ``benchmarks/e2e_vs_trl.py`` took 20,000-40,000 page faults
-and ~0.82 s with glibc's defaults, ~500 faults and ~0.76 s with :func:`keep_freed_memory` (1 thread;
-0.58 -> 0.46 s with 2 threads).
+megabyte-sized tensors (activations, their gradients, the logits chunks) again and again; a tensor
+above the threshold is then faulted in afresh at every step, and a page fault costs ~3 us on the
+development machine (a virtual machine). Measured there with ``python benchmarks/e2e_vs_trl.py --side ours``
+(1 thread; ``benchmarks/README.md``, "What moved it"): with micro-batches of 128 rows a step took ~24,500
+page faults with glibc's defaults and ~1,600 with :func:`keep_freed_memory`, 1.29 -> 1.37 steps/s; with
+the default micro-batches of 32 rows (length-ordered, compacted) ~9,700 against ~470, and a step time
+within noise (1.65 vs 1.66 steps/s). It matters where tensors are larger (bigger models, vocabularies,
+micro-batches).
 
 :func:`keep_freed_memory` raises both thresholds to :data:`THRESHOLD_BYTES` with ``mallopt`` (what the
 environment variables ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` would set at start-up):
