@@ -191,8 +191,8 @@ class HFRolloutEngine:
         step still draws one uniform per row from ``generator``, so the samples are those of the full
         batch. ``calls``: an MoE engine's recorded expert choices, widened to every row (-1: none)."""
         device = next(self.model.parameters()).device
-        distinct = [list(p) for p, _ in itertools.groupby(prompts, key=tuple)]
-        repeat = torch.tensor([len(list(g)) for _, g in itertools.groupby(prompts, key=tuple)], device=device)
+        runs = [(list(p), len(list(g))) for p, g in itertools.groupby(prompts, key=tuple)]
+        distinct, repeat = [p for p, _ in runs], torch.tensor([k for _, k in runs], device=device)
         rows = torch.arange(len(distinct), device=device).repeat_interleave(repeat)  # row -> its prompt's run
         ids, mask = left_pad(distinct, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
