@@ -51,7 +51,7 @@ def _reference(tiny_model_dir, tmp_path, *extra) -> list[dict]:
 
 
 def test_a_killed_rollout_worker_is_one_line_and_resume_continues_exactly(tiny_model_dir, tmp_path):
-    cfg = ("train.steps=12", "save_every=1", "rollout.staleness=2", "threads=1")
+    cfg = ("train.steps=12", "save_every=1", "rollout.staleness=2")
     out = tmp_path / "r"
     p = _train(small_run(tiny_model_dir, out, *cfg))
     _wait_for(lambda: len(run_io.read_metrics(out / "metrics.jsonl")) >= 2)
@@ -60,9 +60,10 @@ def test_a_killed_rollout_worker_is_one_line_and_resume_continues_exactly(tiny_m
     _, stderr = p.communicate(timeout=120)
     assert time.monotonic() - t0 < 30  # noticed where the trainer waits, not after a timeout (or never)
     assert p.returncode == 1, stderr
-    lines = stderr.strip().splitlines()
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("warning: ")]  # e.g. no_eos
     assert len(lines) == 1 and "the rollout worker" in lines[0] and "killed by signal 9 (SIGKILL: out of memory?)" \
         in lines[0], stderr
+    assert "Traceback" not in stderr, stderr
     status = run_io.read_status(out)
     assert status["state"] == "failed" and status["cause"] == "rollout_worker" and status["step"] >= 2
     assert "__main__" not in stderr  # it had started: no hint about the guard
@@ -72,7 +73,7 @@ def test_a_killed_rollout_worker_is_one_line_and_resume_continues_exactly(tiny_m
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tiny_model_dir, tmp_path):
-    cfg = ("train.steps=30", "save_every=10", "threads=1")
+    cfg = ("train.steps=30", "save_every=10")
     out = tmp_path / "r"
     p = _train(small_run(tiny_model_dir, out, *cfg))
     _wait_for(lambda: len(run_io.read_metrics(out / "metrics.jsonl")) >= 3)
@@ -95,7 +96,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tiny
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 def test_the_worker_and_its_children_exit_when_the_trainer_is_gone(tiny_model_dir, tmp_path, how):
     out = tmp_path / "r"
-    p = _train(small_run(tiny_model_dir, out, "train.steps=400", "rollout.staleness=1", "threads=1",
+    p = _train(small_run(tiny_model_dir, out, "train.steps=400", "rollout.staleness=1",
                          "task.reward=helpers:verifying_reward", "save_every=0"))
     _wait_for(lambda: len(run_io.read_metrics(out / "metrics.jsonl")) >= 2)
     below = descendants(p.pid)
@@ -113,7 +114,7 @@ def test_broken_rewards_stop_the_run_in_one_line(tiny_model_dir, tmp_path):
                                       ("exiting_reward", 1, "called sys.exit(3)")):
         out = tmp_path / f"{reward}{staleness}"
         p = _train(small_run(tiny_model_dir, out, f"task.reward=helpers:{reward}", f"rollout.staleness={staleness}",
-                             "threads=1", "train.steps=8"))
+                             "train.steps=8"))
         _, stderr = p.communicate(timeout=300)
         stops = [ln for ln in stderr.splitlines() if ln.startswith("training stopped:")]
         assert p.returncode == 1 and "Traceback" not in stderr, stderr
