@@ -119,6 +119,26 @@ def test_resume_starts_over_when_there_is_no_checkpoint(tiny_model_dir, tmp_path
     assert [r["step"] for r in run_io.read_metrics(out / "metrics.replaced.jsonl")] == [1]
 
 
+@pytest.mark.slow
+def test_resuming_on_other_cpu_kernels_is_said(tiny_model_dir, tmp_path, monkeypatch):
+    """A checkpoint records the CPU kernels torch used; resuming on another set (another machine) warns that
+    the numbers part from the uninterrupted run's. The same set: no warning."""
+    import torch
+
+    out = tmp_path / "r"
+    Trainer(small(tiny_model_dir, out, "train.steps=2")).train()
+    assert run_io.read_status(out)["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    notes = []
+    Trainer(small(tiny_model_dir, out, "train.steps=4"), resume=True, notify=notes.append).life.lock.release()
+    assert not any("CPU kernels" in n for n in notes), notes
+    saved = torch.backends.cpu.get_cpu_capability()
+    other = "AVX512" if saved != "AVX512" else "AVX2"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
+    Trainer(small(tiny_model_dir, out, "train.steps=4"), resume=True, notify=notes.append).train()
+    assert run_io.read_status(out)["cpu_capability"] == other
+    assert any(f"resuming with {other} CPU kernels, the run began with {saved}" in n for n in notes), notes
+
+
 @pytest.mark.parametrize("override,needle", [
     ("objective.params.delta=-1", "delta must be > 0"),
     ("objective.params.divergence=nope", "unknown divergence"),

@@ -52,7 +52,10 @@ def test_short_run_writes_metrics_checkpoints_and_tensorboard(tiny_model_dir, tm
     assert (out / "checkpoints" / "step_2" / "model.safetensors").exists()
     assert (out / "checkpoints" / "step_4" / "optimizer.pt").exists()
     assert list((out / "tb").glob("events.*"))
-    assert run_io.read_status(out)["state"] == "finished"
+    status = run_io.read_status(out)
+    assert status["state"] == "finished"
+    # what the numbers depend on besides the config: the thread count and the CPU kernels torch dispatched to
+    assert status["threads"] == 1 and status["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert yaml.safe_load((out / "config.yaml").read_text())["task"]["reward"] == "helpers:number_reward"
     assert summary["accuracy_before"] == rows[0]["eval/accuracy"]
 

@@ -78,9 +78,15 @@ class Trainer:
     def _set_up(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.life.check_config(cfg.model_dump(mode="json"))
-        resumed = self.life.checkpoint[1]["state"].get("threads") if self.life.checkpoint else None
+        saved = self.life.checkpoint[1]["state"] if self.life.checkpoint else {}
         self.threads = self.life.info["threads"] = apply_thread_policy(  # the count it computes with (status.json)
-            cfg.threads, processes=2 if cfg.rollout.staleness else 1, resumed=resumed)
+            cfg.threads, processes=2 if cfg.rollout.staleness else 1, resumed=saved.get("threads"))
+        # the CPU kernels torch dispatches to (e.g. AVX2, AVX512): with another set the sums round differently,
+        # so a run's numbers repeat given seed, thread count and this (status.json, checkpoints)
+        self.cpu_capability = self.life.info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        if saved.get("cpu_capability", self.cpu_capability) != self.cpu_capability:
+            self.notify(f"warning: resuming with {self.cpu_capability} CPU kernels, the run began with "
+                        f"{saved['cpu_capability']}: from here its numbers differ from an uninterrupted run's")
         keep_freed_memory()  # freed tensors stay in the process for the next step (drpo.utils.memory)
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
@@ -263,6 +269,7 @@ class Trainer:
     def save(self, step: int) -> Path:
         """Checkpoint after ``step`` steps (the config saved in it is what --resume compares against)."""
         state = {"config": self.cfg.model_dump(mode="json"), "threads": self.threads,
+                 "cpu_capability": self.cpu_capability,
                  "delta": self.objective.params["delta"] if self.cfg.objective.adaptive_delta else None}
         return self.life.save(step, self.model, self.tokenizer, self.optimizer, self.scheduler, state,
                               rollout_versions=self.rollout.pending_versions())
