@@ -56,10 +56,10 @@ test: setup-all setup-vllm
 geometry: setup
 	$(VENV)/bin/drpo geometry --out docs/figures
 
-# the stability study: stage 1 (the map), then stage 2 at the cells the map's PG-IS runs choose
+# the stability study (docs/compare): stage 1 (the map), then stage 2 at the cells the map's PG-IS runs choose
 compare: setup
 	$(VENV)/bin/drpo compare --grid map --workers 2 --out runs/map
-	$(VENV)/bin/drpo compare --grid decide --map runs/map --workers 2 --out runs/decide --report docs/compare
+	$(VENV)/bin/drpo compare --grid decide --map runs/map --workers 2 --out runs/decide --report docs/compare/two_stage
 
 bench: setup-all
 	$(PY) benchmarks/logprob_bench.py

@@ -23,15 +23,20 @@ from drpo.experiments import compare, report, results
 from drpo.experiments import claims as C
 from drpo.experiments import stats as S
 from drpo.experiments.grids import (
-    CALM, DECIDE_SEEDS, DECIDE_STEPS, GRID_BASE, LR_EXTENSION, LR_LADDER, MAP_METHODS, MAP_SEEDS, MAP_STEPS,
-    QUICK_BASE, SETTINGS, STALE_LADDER, Block, build_grid, cell, describe, expand,
+    DECIDE_SEEDS, DECIDE_STEPS, GRID_BASE, MAP_METHODS, MAP_SEEDS, MAP_STEPS, QUICK_BASE, Block, build_grid, describe,
+    expand,
 )
 from drpo.experiments.selection import choose_cells
+from drpo.experiments.study import CALM, LR_EXTENSION, LR_LADDER, SETTINGS, STALE_LADDER, Cell
 from drpo.training import run_io
 from drpo.training.config import load_config
 from drpo.training.lifecycle import TrainingDiverged
 from drpo.training.trainer import Trainer
 from helpers import interrupt_at
+
+
+def cell(lr: float, staleness: int, precision: str) -> str:
+    return Cell(lr, staleness, precision).name
 
 
 def tiny(model_dir: str) -> list[str]:
@@ -51,14 +56,15 @@ def test_map_grid_cells_seeds_and_overrides():
     assert set(g.runs_by_block) == {"map_fp8", "map_fp4"} and "pg_is" in MAP_METHODS
     for r in g.runs:
         cfg = load_config(None, list(r.overrides))
-        s = SETTINGS[r.setting]
-        assert (cfg.train.lr, cfg.rollout.staleness, cfg.rollout.precision) == (s.lr, s.staleness, s.precision)
+        c = SETTINGS[r.setting].cell
+        assert (cfg.train.lr, cfg.rollout.staleness, cfg.rollout.precision) == (c.lr, c.staleness, c.precision)
         assert cfg.seed == r.seed and cfg.threads == 1 and cfg.train.steps == MAP_STEPS
         assert cfg.train.overlong_reward == 0 and cfg.train.stop_on_collapse
-    assert SETTINGS[CALM].lr == load_config().train.lr and SETTINGS[CALM].staleness == 0  # the default run's cell
-    assert SETTINGS[cell(3e-4, 4, "fp8")].rank == 2 and SETTINGS[cell(1e-4, 0, "fp4")].rank == 1
+    assert SETTINGS[CALM].cell.lr == load_config().train.lr and SETTINGS[CALM].cell.staleness == 0  # the default run's
+    assert Cell(3e-4, 4, "fp8").rank == 2 and Cell(1e-4, 0, "fp4").rank == 1 and Cell(1e-2, 16, "fp4").rank == 7
     ext = build_grid("map-ext")
-    assert {SETTINGS[r.setting].lr for r in ext.runs} == set(LR_LADDER) | {LR_EXTENSION}
+    assert {SETTINGS[r.setting].cell.lr for r in ext.runs} == set(LR_LADDER) | {LR_EXTENSION}
+    assert g.kind == ext.kind == "map" and build_grid("quick").kind == "quick"
 
 
 def test_grid_parameters_resize_and_describe():
@@ -119,7 +125,7 @@ def test_a_grid_with_vllm_settings_needs_vllm(tmp_path):
 def fake_map(out: Path, pg_is: dict[str, int], others: int = 0) -> Path:
     """A finished stability map whose PG-IS runs collapse in ``pg_is[cell]`` of the seeds (0 elsewhere)
     and every other method's in ``others`` of them."""
-    g = build_grid("map-ext" if any(SETTINGS[c].lr == LR_EXTENSION for c in pg_is) else "map")
+    g = build_grid("map-ext" if any(SETTINGS[c].cell.lr == LR_EXTENSION for c in pg_is) else "map")
     out.mkdir(parents=True, exist_ok=True)
     for r in g.runs:
         k = pg_is.get(r.setting, 0) if r.method == "pg_is" else others
@@ -171,12 +177,12 @@ def test_decide_grid_blocks_seeds_and_claims(tmp_path):
     n = len(MAP_SEEDS)
     m = fake_map(tmp_path / "m", {cell(3e-4, 0, "fp8"): n})
     g = build_grid("decide", map_dir=m)
-    assert [b.name for b in g.blocks] == ["calm", "stressed", "replay", "replay_control", "lr_stress"]
+    # the lr-stress block (lr x3) is not in the study: cut on budget, never run (the map holds that cell)
+    assert [b.name for b in g.blocks] == ["calm", "stressed", "replay", "replay_control"] and g.kind == "decide"
     assert g.blocks[1].settings == (cell(3e-4, 0, "fp8"), cell(1e-3, 0, "fp8"))
     assert {r.seed for r in g.runs} == set(DECIDE_SEEDS) and len(DECIDE_SEEDS) >= 5
     assert all(load_config(None, list(r.overrides)).train.steps == DECIDE_STEPS for r in g.runs)
-    # the lr-stress block is the chosen cell A here: its runs are shared, not run twice
-    assert len(g.runs) == 8 * 5 * 3 + 5 + 5 and "lr_stress" in g.runs_by_block
+    assert len(g.runs) == 8 * 5 * 3 + 5 + 5 and g.choice is not None and g.choice.stressed == g.blocks[1].settings
     by = {(c.id, c.regime): c for c in g.claims}
     assert by[("b", "stressed")].metric == "collapse" and by[("b", "stressed")].settings == g.blocks[1].settings
     assert by[("j", "calm")].rule == "equivalence" and by[("j", "calm")].control == ("pg_is",)
@@ -419,7 +425,7 @@ def test_the_report_leads_with_the_map_then_the_verdicts_per_regime(tmp_path):
     assert "cell A (mildest) = lr1e-3_s0_fp8" in text and "p(fewer)" in text
     assert (tmp_path / "rep" / "stability_map.png").stat().st_size > 5000
     lrs, rows = report.map_layout(json.loads((m / "grid.json").read_text())["settings"])
-    assert lrs == list(LR_LADDER) and rows == ["s0_fp8", "s4_fp8", "s16_fp8", "s0_fp4"]
+    assert lrs == list(LR_LADDER) and rows == [(0, "fp8"), (4, "fp8"), (16, "fp8"), (0, "fp4")]
     # the map's table: PG-IS collapsed in both seeds of the chosen cell, and when
     assert f"| lr 0.001, staleness 0 | {len(MAP_SEEDS)}/{len(MAP_SEEDS)} (step 4,4)" in text
 

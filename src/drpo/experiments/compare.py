@@ -30,8 +30,10 @@ from typing import Any, Optional, Sequence
 import yaml
 from tqdm.auto import tqdm
 
-from drpo.experiments.grids import SETTINGS, Grid, Run, build_grid, describe
+from drpo.experiments.grids import Grid, Run, build_grid, describe
 from drpo.experiments.results import ended
+from drpo.experiments.selection import write_choice
+from drpo.experiments.study import SETTINGS
 from drpo.training import run_io
 from drpo.training.config import RunConfig, load_config
 
@@ -182,8 +184,8 @@ def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] =
     out = Path(out)
     report_dir = Path(report) if report is not None else out / "report"
     g = build_grid(grid, seeds=seeds, steps=steps, blocks=blocks, overrides=overrides, map_dir=map_dir)
-    command = (f"drpo compare --grid {grid} --out {out}" + (f" --map {map_dir}" if map_dir else "")
-               + " --report-only" + (f" --report {report}" if report is not None else ""))
+    command = (f"drpo compare --grid {shown(grid)} --out {shown(out)}" + (f" --map {shown(map_dir)}" if map_dir else "")
+               + " --report-only" + (f" --report {shown(report)}" if report is not None else ""))
     if report_only:
         if not any((out / r.slug / "status.json").exists() for r in g.runs):
             raise ValueError(f"--report-only: no run of grid {g.name!r} under {out}; run the grid first")
@@ -204,15 +206,23 @@ def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] =
             raise ValueError(f"grid {g.name!r} has vLLM settings (blocks {vllm_blocks}) and vLLM is not installed "
                              "here: run it with .venv-vllm/bin/drpo (make setup-vllm), or keep the other blocks "
                              "with --blocks")
-    if map_dir is not None:
-        from drpo.experiments.selection import choose_cells, write_choice
-
-        write_choice(map_dir, choose_cells(map_dir))
+    if g.choice is not None:
+        write_choice(map_dir, g.choice)
     entries = run_grid(g, out, workers)
     for slug, e in entries.items():
-        if e["state"] not in ("finished", "collapsed") and not (e["state"] == "failed" and e.get("cause") == "diverged"):
+        if not ended(e):
             print(f"run {slug} did not end: {e['state']}" + (f" ({e['reason']})" if "reason" in e else ""))
     return {"entries": entries, "report": write_report(out, report_dir, command, map_dir=map_dir)}
+
+
+def shown(path) -> str:
+    """A path as the report's rebuild command shows it: relative to the working folder when inside it, so
+    that a committed report names no folder of the machine it was made on."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve())) if p.is_absolute() else str(p)
+    except ValueError:
+        return str(p)
 
 
 class _held:

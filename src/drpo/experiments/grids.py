@@ -1,7 +1,7 @@
 """Comparison grids as data: a run is (method, setting, seed) -> a list of config overrides.
 
-    Method   an objective with its parameters   ("drpo" = DRPO delta 12.5, "dapo" = GRPO clip-higher, ...)
-    Setting  the training conditions            (a stress cell of the map, the MoE, ...)
+    Method   an objective with its parameters   (:mod:`drpo.experiments.study`)
+    Setting  the training conditions            (a cell of the stability map, the MoE, ...; the same module)
     Block    methods x settings x seeds, named after the claim(s) it serves
 
 The study is two grids, run in order (``make compare``; the rules were written before either ran):
@@ -15,8 +15,10 @@ collapses (:mod:`drpo.training.collapse`).
 **Stage 2, where it matters** (``--grid decide --map DIR``): the cells :func:`choose_cells` picks from
 stage 1 -- by a rule on PG-IS's results alone, never the other methods' -- and the calm cell for contrast,
 with :data:`DECIDE_METHODS`, :data:`DECIDE_SEEDS` new seeds (not stage 1's), :data:`DECIDE_STEPS` steps;
-plus the two blocks the previous grid left out: the MoE with routing replay (claim i) and the
-learning-rate stress (x3). Its claims are decided per regime (calm / stressed): :mod:`drpo.experiments.claims`.
+plus the MoE with routing replay (claim i). Its claims are decided per regime (calm / stressed):
+:mod:`drpo.experiments.claims`. (The learning-rate stress block (lr x3, 30 runs) that an earlier grid left
+out is not part of it: cut on budget before any stage-2 result, it was never run; the map holds that cell,
+lr 3e-4 at staleness 0, with five methods x two seeds.)
 
 Every run of both stages: one thread, no TensorBoard, held-out accuracy every 10 steps on the default
 256 prompts, a response cut at ``rollout.max_new_tokens`` without EOS earns reward 0
@@ -33,98 +35,11 @@ from typing import Optional, Sequence
 
 import yaml
 
+from drpo.experiments import claims as C
+from drpo.experiments.selection import Choice, choose_cells
+from drpo.experiments.study import CALM, LR_EXTENSION, LR_LADDER, METHODS, SETTINGS, map_cells
 from drpo.training.config import load_config
 
-
-@dataclass(frozen=True)
-class Method:
-    """An objective with fixed parameters. ``family`` groups methods: 'ratio' (trust region on pi/mu),
-    'divergence' (DPPO), 'drpo', or 'none' (unregularised)."""
-
-    label: str
-    objective: str
-    params: tuple[tuple[str, object], ...] = ()
-    family: str = "none"
-
-    def overrides(self) -> list[str]:
-        return [f"objective.name={self.objective}"] + [f"objective.params.{k}={v}" for k, v in self.params]
-
-
-@dataclass(frozen=True)
-class Setting:
-    """Training conditions as config overrides. A cell of the stability map also has its coordinates
-    (``lr``, ``staleness``, ``precision``) and its stress ``rank`` (the sum of its rung indices)."""
-
-    label: str
-    overrides: tuple[str, ...] = ()
-    needs_vllm: bool = False
-    lr: Optional[float] = None
-    staleness: Optional[int] = None
-    precision: Optional[str] = None
-    rank: Optional[int] = None
-
-
-METHODS: dict[str, Method] = {
-    "pg_is": Method("Unregularized (PG-IS)", "pg_is"),
-    "dapo": Method("GRPO clip-higher (0.2/0.28)", "dapo", family="ratio"),
-    "spo": Method("SPO (eps 12.5) = DRPO ratio penalty", "spo", (("epsilon", 12.5),), family="ratio"),
-    "dppo_tv": Method("DPPO Binary-TV (0.15)", "dppo_tv", family="divergence"),
-    "dppo_kl": Method("DPPO Binary-KL (0.05)", "dppo_kl", family="divergence"),
-    "drpo": Method("DRPO (delta 12.5)", "drpo", (("delta", 12.5),), family="drpo"),
-    "drpo_d0.15": Method("DRPO (delta 0.15)", "drpo", (("delta", 0.15),), family="drpo"),
-    "drpo_d0.5": Method("DRPO (delta 0.5)", "drpo", (("delta", 0.5),), family="drpo"),
-    "drpo_d2.5": Method("DRPO (delta 2.5)", "drpo", (("delta", 2.5),), family="drpo"),
-    "drpo_auto": Method("DRPO (adaptive delta)", "drpo", (("delta", "auto"),), family="drpo"),
-    "drpo_no_adv": Method("DRPO w/o advantage weighting", "drpo_no_adv", family="drpo"),
-    "mask_drpo": Method("mask-DRPO (delta 0.15)", "mask_drpo", family="drpo"),
-    "drpo_kl": Method("DRPO + KL penalty", "drpo_kl", family="drpo"),
-}
-
-# ---------------------------------------------------------------------------- the stability map's cells
-LR_LADDER = (1e-4, 3e-4, 1e-3, 3e-3)  # 1e-4 is the default run's
-STALE_LADDER = (0, 4, 16)
-PRECISIONS = ("fp8", "fp4")           # fp8: the default rollout; fp4: NVFP4 weights (drpo.rollout.precision)
-LR_EXTENSION = 1e-2                   # the rung added by --grid map-ext if no cell collapses PG-IS in every seed
-
-
-def fmt_lr(lr: float) -> str:
-    """1e-4 -> '1e-4', 3e-4 -> '3e-4' (for names and labels)."""
-    mantissa, exponent = f"{lr:.0e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
-
-
-def cell(lr: float, staleness: int, precision: str) -> str:
-    """The setting name of a map cell, e.g. 'lr3e-4_s4_fp8'."""
-    return f"lr{fmt_lr(lr)}_s{staleness}_{precision}"
-
-
-def _map_cells(lrs: Sequence[float]) -> dict[str, Setting]:
-    """learning rate x staleness at FP8, and the 4-bit rollout along the learning rate (staleness 0)."""
-    out = {}
-    for i, lr in enumerate(lrs):
-        for j, n in enumerate(STALE_LADDER):
-            out[cell(lr, n, "fp8")] = Setting(f"lr {fmt_lr(lr)}, staleness {n}, FP8 rollout",
-                                              ("rollout.precision=fp8", f"rollout.staleness={n}", f"train.lr={lr:g}"),
-                                              lr=lr, staleness=n, precision="fp8", rank=i + j)
-        out[cell(lr, 0, "fp4")] = Setting(f"lr {fmt_lr(lr)}, staleness 0, FP4 rollout",
-                                          ("rollout.precision=fp4", "rollout.staleness=0", f"train.lr={lr:g}"),
-                                          lr=lr, staleness=0, precision="fp4", rank=i + 1)
-    return out
-
-
-CALM = cell(1e-4, 0, "fp8")  # the default run's conditions
-LR_STRESS = cell(3e-4, 0, "fp8")  # the previous grid's learning-rate stress (x3), left out there
-
-SETTINGS: dict[str, Setting] = {
-    **_map_cells(LR_LADDER + (LR_EXTENSION,)),
-    "moe_fp8": Setting("MoE, FP8 rollout, no routing replay", ("model=builtin-moe", "rollout.precision=fp8")),
-    "moe_fp8_replay": Setting("MoE, FP8 rollout, routing replay",
-                              ("model=builtin-moe", "rollout.precision=fp8", "train.routing_replay=true")),
-    "fp8": Setting("FP8 rollout (HF engine), synchronous", ("rollout.precision=fp8",)),
-    "stale1": Setting("FP8 rollout, staleness 1", ("rollout.precision=fp8", "rollout.staleness=1")),
-    "vllm_bf16": Setting("vLLM BF16 rollout, synchronous", ("rollout.engine=vllm", "rollout.precision=bf16"),
-                         needs_vllm=True),
-}
 
 MAP_METHODS = ("pg_is", "dapo", "dppo_tv", "drpo", "drpo_d0.15")
 MAP_SEEDS = (100, 101)
@@ -155,14 +70,14 @@ def map_blocks(extended: bool = False) -> tuple[Block, ...]:
     """Stage 1: one block per stress axis (the cells of the learning-rate x staleness ladder at FP8, and the
     FP4 row); ``extended`` adds the :data:`LR_EXTENSION` rung to both."""
     lrs = LR_LADDER + ((LR_EXTENSION,) if extended else ())
-    fp8 = tuple(cell(lr, n, "fp8") for lr in lrs for n in STALE_LADDER)
-    fp4 = tuple(cell(lr, 0, "fp4") for lr in lrs)
+    fp8 = tuple(c.name for c in map_cells(lrs) if c.precision == "fp8")
+    fp4 = tuple(c.name for c in map_cells(lrs) if c.precision == "fp4")
     return (Block("map_fp8", "stability map: learning rate x staleness, FP8 rollout", MAP_METHODS, fp8, MAP_SEEDS),
             Block("map_fp4", "stability map: learning rate, 4-bit (NVFP4) rollout", MAP_METHODS, fp4, MAP_SEEDS))
 
 
 def decide_blocks(stressed: Sequence[str]) -> tuple[Block, ...]:
-    """Stage 2 at the chosen ``stressed`` cells and the calm one, then the MoE replay and lr-stress blocks."""
+    """Stage 2 at the chosen ``stressed`` cells and the calm one, then the MoE replay blocks."""
     return (Block("calm", "(a)-(h), (j) in the calm regime (the default run's conditions)", DECIDE_METHODS,
                   (CALM,), DECIDE_SEEDS),
             Block("stressed", "(a)-(h), (j) in the stressed regime (cells chosen from stage 1 by PG-IS alone)",
@@ -170,9 +85,7 @@ def decide_blocks(stressed: Sequence[str]) -> tuple[Block, ...]:
             Block("replay", "(i) MoE: DRPO without routing replay vs GRPO clip-higher with it",
                   ("drpo",), ("moe_fp8",), DECIDE_SEEDS),
             Block("replay_control", "(i) the control: GRPO clip-higher with routing replay",
-                  ("dapo",), ("moe_fp8_replay",), DECIDE_SEEDS),
-            Block("lr_stress", "learning rate x3 (the block the previous grid left out)",
-                  ("dapo", "spo", "dppo_tv", "drpo", "drpo_d0.15", "drpo_auto"), (LR_STRESS,), DECIDE_SEEDS))
+                  ("dapo",), ("moe_fp8_replay",), DECIDE_SEEDS))
 
 
 @dataclass(frozen=True)
@@ -189,14 +102,23 @@ class Run:
         return f"{self.setting}/{self.method}/seed{self.seed}"
 
 
+KINDS = ("map", "decide", "quick", "file")
+
+
 @dataclass
 class Grid:
+    """A grid's runs by block. ``kind``: 'map' (the stability map, stage 1), 'decide' (stage 2), 'quick',
+    or 'file' (a YAML grid file); ``choice``: stage 2's cells as the rule chose them (made once, in
+    :func:`build_grid`, and written beside the map by ``drpo compare``)."""
+
     name: str
     base: tuple[str, ...]
     blocks: tuple[Block, ...]
-    claims: tuple = ()  # drpo.experiments.claims.Claim
+    claims: tuple[C.Claim, ...] = ()
     runs_by_block: dict[str, list[Run]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # how the grid was chosen (stage 2: the rule's choice and why)
+    kind: str = "file"
+    choice: Optional[Choice] = None
 
     @property
     def runs(self) -> list[Run]:
@@ -215,6 +137,7 @@ class Grid:
         """The manifest's description of the grid: what the report needs to label and group runs."""
         return {
             "name": self.name,
+            "kind": self.kind,
             "base": list(self.base),
             "notes": list(self.notes),
             "blocks": [{"name": b.name, "claims": b.claims, "methods": list(b.methods),
@@ -223,8 +146,9 @@ class Grid:
             "claims": [c.to_dict() for c in self.claims],
             "methods": {k: {"label": m.label, "family": m.family, "objective": m.objective,
                             "params": dict(m.params)} for k, m in METHODS.items() if self._uses("methods", k)},
-            "settings": {k: {"label": s.label, "overrides": list(s.overrides), "lr": s.lr, "staleness": s.staleness,
-                             "precision": s.precision, "rank": s.rank}
+            "settings": {k: {"label": s.label, "overrides": list(s.overrides),
+                             **({"lr": s.cell.lr, "staleness": s.cell.staleness, "precision": s.cell.precision,
+                                 "rank": s.cell.rank} if s.cell else {})}
                          for k, s in SETTINGS.items() if self._uses("settings", k)},
             "runs": [{"slug": r.slug, "block": r.block, "method": r.method, "setting": r.setting,
                       "seed": r.seed, "overrides": list(r.overrides)} for r in self.runs],
@@ -234,10 +158,12 @@ class Grid:
         return any(key in getattr(b, kind) for b in self.blocks)
 
 
-def expand(name: str, blocks: Sequence[Block], base: Sequence[str], claims: Sequence = (),
-           notes: Sequence[str] = ()) -> Grid:
+def expand(name: str, blocks: Sequence[Block], base: Sequence[str], claims: Sequence[C.Claim] = (),
+           notes: Sequence[str] = (), kind: str = "file", choice: Optional[Choice] = None) -> Grid:
     """Every (method, setting, seed) of every block -> its full override list (base first)."""
-    grid = Grid(name, tuple(base), tuple(blocks), tuple(claims), notes=tuple(notes))
+    if kind not in KINDS:
+        raise ValueError(f"unknown grid kind {kind!r}; known: {KINDS}")
+    grid = Grid(name, tuple(base), tuple(blocks), tuple(claims), notes=tuple(notes), kind=kind, choice=choice)
     for b in blocks:
         unknown = [m for m in b.methods if m not in METHODS] + [s for s in b.settings if s not in SETTINGS]
         if unknown:
@@ -269,16 +195,14 @@ def build_grid(name: str = "map", *, seeds: Optional[int] = None, steps: Optiona
     list of seeds), and optionally ``claims:``, a list of built-in claim ids and/or claim definitions
     (:mod:`drpo.experiments.claims`).
     """
-    from drpo.experiments import claims as C
-
     notes: tuple[str, ...] = ()
+    choice: Optional[Choice] = None
+    kind = "map" if name in ("map", "map-ext") else name if name in KINDS else "file"
     if name in ("map", "map-ext"):
         chosen, base, claims = map_blocks(extended=name == "map-ext"), GRID_BASE + (f"train.steps={MAP_STEPS}",), ()
     elif name == "decide":
         if map_dir is None:
             raise ValueError("--grid decide needs the finished stability map: --map DIR (the --out of --grid map)")
-        from drpo.experiments.selection import choose_cells
-
         choice = choose_cells(Path(map_dir))
         chosen = decide_blocks(choice.stressed)
         base, claims, notes = GRID_BASE + (f"train.steps={DECIDE_STEPS}",), C.decide_claims(CALM, choice.stressed), choice.notes
@@ -300,7 +224,7 @@ def build_grid(name: str = "map", *, seeds: Optional[int] = None, steps: Optiona
     if seeds is not None:
         chosen = tuple(Block(b.name, b.claims, b.methods, b.settings, b.seeds[:seeds]) for b in chosen)
     extra = ([f"train.steps={steps}"] if steps is not None else []) + list(overrides)
-    grid = expand(name, chosen, tuple(base) + tuple(extra), claims, notes)
+    grid = expand(name, chosen, tuple(base) + tuple(extra), claims, notes, kind=kind, choice=choice)
     _check_overrides(overrides, chosen)
     load_config(None, list(grid.base))  # bad overrides fail here, before any run
     if grid.runs:

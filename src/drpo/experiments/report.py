@@ -19,6 +19,7 @@ from drpo.experiments import claims as C
 from drpo.experiments import results as R
 from drpo.experiments import stats as S
 from drpo.experiments.results import RunResult, Runs
+from drpo.experiments.study import Cell
 from drpo.objectives.metrics import BUCKET_NAMES, MISMATCH_KEYS
 from drpo.training import collapse as collapse_rules
 
@@ -175,28 +176,24 @@ class Context:
 
 
 # ---------------------------------------------------------------------------- the stability map
-def map_layout(settings: dict) -> tuple[list[float], list[str]]:
-    """The map's axes: the learning rates (columns) and the rows ('staleness N' at FP8, then 'FP4')."""
-    lrs = sorted({s["lr"] for s in settings.values() if s.get("lr") is not None})
-    rows = [f"s{n}_fp8" for n in sorted({s["staleness"] for s in settings.values()
-                                         if s.get("precision") == "fp8" and s.get("lr") is not None})]
-    if any(s.get("precision") == "fp4" for s in settings.values()):
-        rows.append("s0_fp4")
+Row = tuple[int, str]  # a map row: (staleness, rollout precision)
+
+
+def map_layout(settings: dict) -> tuple[list[float], list[Row]]:
+    """The map's axes from the manifest's settings: the learning rates (columns) and the rows (staleness at
+    FP8, then the 4-bit rollout)."""
+    cells = [Cell(s["lr"], s["staleness"], s["precision"]) for s in settings.values() if s.get("lr") is not None]
+    lrs = sorted({c.lr for c in cells})
+    rows = sorted({c.row for c in cells}, key=lambda r: (r[1] != "fp8", r[0]))
     return lrs, rows
 
 
-def _row_label(row: str) -> str:
-    n, prec = row[1:].split("_")
-    return f"FP4, staleness {n}" if prec == "fp4" else f"staleness {n}"
+def _row_label(row: Row) -> str:
+    n, precision = row
+    return f"{precision.upper()}, staleness {n}" if precision != "fp8" else f"staleness {n}"
 
 
-def _cell_name(lr: float, row: str) -> str:
-    from drpo.experiments.grids import fmt_lr
-
-    return f"lr{fmt_lr(lr)}_{row}"
-
-
-def plot_map(runs: Runs, methods: list[str], lrs: list[float], rows: list[str], labels: Callable[[str], str],
+def plot_map(runs: Runs, methods: list[str], lrs: list[float], rows: list[Row], labels: Callable[[str], str],
              path: Path) -> Path:
     """Per method, two heatmaps side by side: collapse rate and mean final accuracy per cell."""
     plt = _plt()
@@ -209,7 +206,7 @@ def plot_map(runs: Runs, methods: list[str], lrs: list[float], rows: list[str], 
             text = [["" for _ in lrs] for _ in rows]
             for a, row in enumerate(rows):
                 for b, lr in enumerate(lrs):
-                    rr = list(runs.by.get((_cell_name(lr, row), m), {}).values())
+                    rr = list(runs.by.get((Cell(lr, *row).name, m), {}).values())
                     if not rr:
                         continue
                     if i == 0:
@@ -238,8 +235,9 @@ def plot_map(runs: Runs, methods: list[str], lrs: list[float], rows: list[str], 
     return path
 
 
-def section_map(map_ctx: Context) -> list[str]:
-    """The stability map (stage 1): heatmaps and the table, per method and cell."""
+def section_map(map_ctx: Context, stage2_notes: list[str]) -> list[str]:
+    """The stability map (stage 1): heatmaps and the table, per method and cell; ``stage2_notes``: what the
+    stage-2 rule saw and chose (the stage-2 grid's notes; none for a report of the map alone)."""
     runs, settings = map_ctx.runs, map_ctx.manifest.get("settings", {})
     lrs, rows = map_layout(settings)
     methods = list(dict.fromkeys(m for b in map_ctx.manifest["blocks"] for m in b["methods"]))
@@ -253,7 +251,7 @@ def section_map(map_ctx: Context) -> list[str]:
     table = []
     for row in rows:
         for lr in lrs:
-            name = _cell_name(lr, row)
+            name = Cell(lr, *row).name
             cells = []
             for m in methods:
                 rr = list(runs.by.get((name, m), {}).values())
@@ -269,10 +267,9 @@ def section_map(map_ctx: Context) -> list[str]:
             table.append([f"lr {lr:g}, {_row_label(row)}"] + cells)
     out += ["Collapsed seeds / seeds (the step each collapse began; how many recovered); mean final accuracy:", "",
             _table(["cell"] + [map_ctx.label(m) for m in methods], table), ""]
-    notes = map_ctx.manifest.get("stage2_choice")
-    if notes:
+    if stage2_notes:
         out += ["### Stage 2's cells, by the rule fixed before the map ran", "", "```",
-                _module_doc("drpo.experiments.selection"), "```", ""] + [f"* {n}" for n in notes] + [""]
+                _module_doc("drpo.experiments.selection"), "```", ""] + [f"* {n}" for n in stage2_notes] + [""]
     return out
 
 
@@ -513,19 +510,17 @@ def write_report(out: Path, report_dir: Path, command: str, map_dir: Optional[Pa
     ``report_dir/README.md`` with its figures: the map first, then the verdicts per regime, then the rest."""
     report_dir.mkdir(parents=True, exist_ok=True)
     ctx = _context(out, report_dir, command)
-    map_ctx = _context(map_dir, report_dir, command) if map_dir is not None else (
-        ctx if any(s.get("lr") is not None for s in ctx.manifest.get("settings", {}).values()) else None)
-    if map_ctx is not None and map_ctx is not ctx:
-        map_ctx.manifest["stage2_choice"] = ctx.manifest.get("notes", [])
-    md = [f"# Comparison report: grid `{ctx.manifest['name']}`" + (f" (stage 2) and the stability map "
-                                                                      f"`{map_ctx.manifest['name']}` (stage 1)"
-                                                                      if map_ctx is not None and map_ctx is not ctx else ""),
-          "",
+    is_map = ctx.manifest.get("kind") == "map"
+    map_ctx = _context(map_dir, report_dir, command) if map_dir is not None else ctx if is_map else None
+    title = (f"# The stability map: grid `{ctx.manifest['name']}`" if is_map else
+             f"# Comparison report: grid `{ctx.manifest['name']}`" + (
+                 f" (stage 2) and the stability map `{map_ctx.manifest['name']}` (stage 1)" if map_ctx else ""))
+    md = [title, "",
           f"{len(ctx.done)} runs ended ({sum(r.diverged for r in ctx.done)} diverged, "
           f"{sum(r.state == 'collapsed' for r in ctx.done)} stopped early for collapse), {len(ctx.pending)} not ended "
           f"(left out). Base overrides: `{' '.join(ctx.manifest['base'])}`. Rebuild with `{command}`.", ""]
     if map_ctx is not None:
-        md += section_map(map_ctx)
+        md += section_map(map_ctx, [] if is_map else ctx.manifest.get("notes", []))
     if ctx.manifest.get("claims"):
         md += section_verdicts(ctx)
     md += section_definitions()

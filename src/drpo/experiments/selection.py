@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from drpo.experiments.grids import LR_EXTENSION, LR_LADDER, SETTINGS, STALE_LADDER, cell
+from drpo.experiments.study import LR_EXTENSION, LR_LADDER, SETTINGS, STALE_LADDER, Cell
 from drpo.experiments.results import load_runs
 
 
@@ -48,21 +48,28 @@ def pg_is_collapses(map_dir: Path) -> dict[str, tuple[int, int]]:
     return counts
 
 
+def _cell(name: str) -> Cell:
+    cell = SETTINGS[name].cell
+    if cell is None:
+        raise ValueError(f"setting {name!r} is not a cell of the stability map")
+    return cell
+
+
 def _order(name: str) -> tuple:
-    s = SETTINGS[name]
-    return (s.rank, s.lr, s.staleness, s.precision != "fp8")
+    c = _cell(name)
+    return (c.rank, c.lr, c.staleness, c.precision != "fp8")
 
 
 def harder(a: str, in_map: set[str]) -> str | None:
     """Cell B of the rule: one learning-rate rung up from ``a``, else one staleness rung up."""
-    s = SETTINGS[a]
+    c = _cell(a)
     lrs = LR_LADDER + (LR_EXTENSION,)
-    i = lrs.index(s.lr)
-    if i + 1 < len(lrs) and cell(lrs[i + 1], s.staleness, s.precision) in in_map:
-        return cell(lrs[i + 1], s.staleness, s.precision)
-    j = STALE_LADDER.index(s.staleness)
-    if j + 1 < len(STALE_LADDER) and cell(s.lr, STALE_LADDER[j + 1], s.precision) in in_map:
-        return cell(s.lr, STALE_LADDER[j + 1], s.precision)
+    i = lrs.index(c.lr)
+    if i + 1 < len(lrs) and Cell(lrs[i + 1], c.staleness, c.precision).name in in_map:
+        return Cell(lrs[i + 1], c.staleness, c.precision).name
+    j = STALE_LADDER.index(c.staleness)
+    if j + 1 < len(STALE_LADDER) and Cell(c.lr, STALE_LADDER[j + 1], c.precision).name in in_map:
+        return Cell(c.lr, STALE_LADDER[j + 1], c.precision).name
     return None
 
 
@@ -79,11 +86,11 @@ def choose_cells(map_dir: Path) -> Choice:
         notes.append(f"positive control: PG-IS collapsed in every seed in {len(controls)} cell(s): {', '.join(controls)}; "
                      f"cell A (mildest) = {a}, cell B (one rung harder) = {b or 'none in the map'}")
         return Choice((a,) + ((b,) if b else ()), True, tuple(notes))
-    extended = any(SETTINGS[c].lr == LR_EXTENSION for c in in_map)
+    extended = any(_cell(c).lr == LR_EXTENSION for c in in_map)
     if not extended:
         raise ValueError(f"no cell of the map in {map_dir} collapses PG-IS in every seed; the rule extends the map "
                          f"first: drpo compare --grid map-ext --out {map_dir} (adds learning rate {LR_EXTENSION:g})")
-    most = sorted(counts, key=lambda c: (-counts[c][0], -SETTINGS[c].rank))[:2]
+    most = sorted(counts, key=lambda c: (-counts[c][0], -_cell(c).rank))[:2]
     notes.append("NO POSITIVE CONTROL: no cell of the (extended) map collapses PG-IS in every seed; "
                  f"stage 2 runs at the two cells where PG-IS collapsed most often: {', '.join(most)}")
     return Choice(tuple(most), False, tuple(notes))
