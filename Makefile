@@ -56,10 +56,12 @@ test: setup-all setup-vllm
 geometry: setup
 	$(VENV)/bin/drpo geometry --out docs/figures
 
-# the stability study (docs/compare): stage 1 (the map), then stage 2 at the cells the map's PG-IS runs choose
+# the stability study (docs/compare): stage 1 (the map), then stage 2 at the cells the map's PG-IS runs choose,
+# then seeds added at stage 2's cell A by the sequential plan (src/drpo/experiments/sequential.py)
 compare: setup
 	$(VENV)/bin/drpo compare --grid map --workers 2 --out runs/map
 	$(VENV)/bin/drpo compare --grid decide --map runs/map --workers 2 --out runs/decide --report docs/compare/two_stage
+	$(VENV)/bin/drpo compare --grid sequential --workers 2 --out runs/sequential --report docs/compare/sequential
 
 bench: setup-all
 	$(PY) benchmarks/logprob_bench.py

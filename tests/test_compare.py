@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from drpo.cli import app
-from drpo.experiments import compare, report, results
+from drpo.experiments import compare, effects, report, results
 from drpo.experiments import claims as C
 from drpo.experiments import stats as S
 from drpo.experiments.grids import (
@@ -363,7 +363,7 @@ def synthetic_decide(tmp_path, drpo_final, others_final, noise=0.01, drpo_grad_s
 def verdict_map(out: Path) -> dict[tuple[str, str], str]:
     manifest, done, _ = results.load_runs(out)
     claims = tuple(C.Claim.from_dict(d) for d in manifest["claims"])
-    return {(v.claim.id, v.claim.regime): v.verdict for v in report.verdicts(results.Runs(done), claims)
+    return {(v.claim.id, v.claim.regime): v.verdict for v in effects.verdicts(results.Runs(done), claims)
             if not v.claim.per_setting}
 
 

@@ -210,8 +210,8 @@ def objectives() -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def compare(
     ctx: typer.Context,
-    grid: str = typer.Option("map", "--grid", help="map (stage 1), map-ext, decide (stage 2, with --map), quick, "
-                                                   "or a YAML grid file"),
+    grid: str = typer.Option("map", "--grid", help="map (stage 1), map-ext, decide (stage 2, with --map), sequential "
+                                                   "(seeds added at cell A by a fixed plan), quick, or a YAML grid file"),
     out: Path = typer.Option(Path("runs/compare"), "--out"),
     quick: bool = typer.Option(False, "--quick", help="the small smoke-test grid (a few minutes)"),
     workers: int = typer.Option(1, "--workers", min=1, help="runs in parallel (each uses 1 thread)"),

@@ -106,8 +106,10 @@ class Claim:
 
 
 def decide_claims(calm: str, stressed: Sequence[str]) -> tuple[Claim, ...]:
-    """Stage 2's claims: the paper's (a)-(g), ours (h), (j), (k), each in the calm regime (``calm``) and
-    the stressed one (``stressed`` cells pooled), and (i) on the MoE. Magnitudes are the paper's."""
+    """Stage 2's claims: the paper's (a)-(g), ours (h), (j), (k), the paper's own comparison at one delta
+    (l) on collapse and (m) on accuracy (added after stage 2, before any run of the sequential plan), each in
+    the calm regime (``calm``) and the stressed one (``stressed`` cells pooled), and (i) on the MoE.
+    Magnitudes are the paper's."""
     out = []
     for regime, settings in (("calm", (calm,)), ("stressed", tuple(stressed))):
         if not settings:
@@ -131,6 +133,11 @@ def decide_claims(calm: str, stressed: Sequence[str]) -> tuple[Claim, ...]:
                   "final_acc", ("drpo",), ("pg_is",), rule="equivalence", margin=0.03, **kw),
             Claim("k", "ours: at delta 0.15, where its trust region binds, DRPO collapses less than PG-IS",
                   "collapse", ("drpo_d0.15",), ("pg_is",), rule="fewer", **kw),
+            # the paper's thesis posed at one trust region: its smooth regulariser against the hard mask
+            Claim("l", "the paper's comparison at the same delta (0.15): DRPO collapses less than DPPO Binary-TV",
+                  "collapse", ("drpo_d0.15",), ("dppo_tv",), rule="fewer", **kw),
+            Claim("m", "the paper's comparison at the same delta (0.15): DRPO reaches higher accuracy than DPPO "
+                  "Binary-TV", "final_acc", ("drpo_d0.15",), ("dppo_tv",), **kw),
         ]
     out.append(Claim("i", "ours: on the MoE, DRPO without routing replay is within 3 points of PPO (GRPO "
                           "clip-higher) with routing replay", "final_acc", ("drpo",), ("dapo",), ("moe_fp8",),

@@ -183,7 +183,11 @@ def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] =
 
     out = Path(out)
     report_dir = Path(report) if report is not None else out / "report"
-    g = build_grid(grid, seeds=seeds, steps=steps, blocks=blocks, overrides=overrides, map_dir=map_dir)
+    def grid_now() -> Grid:  # a sequential grid grows look by look, from the runs that ended in ``out``
+        return build_grid(grid, seeds=seeds, steps=steps, blocks=blocks, overrides=overrides, map_dir=map_dir,
+                          runs_dir=out if grid == "sequential" else None)
+
+    g = grid_now()
     command = (f"drpo compare --grid {shown(grid)} --out {shown(out)}" + (f" --map {shown(map_dir)}" if map_dir else "")
                + " --report-only" + (f" --report {shown(report)}" if report is not None else ""))
     if report_only:
@@ -209,6 +213,12 @@ def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] =
     if g.choice is not None:
         write_choice(map_dir, g.choice)
     entries = run_grid(g, out, workers)
+    while g.kind == "sequential":  # the next look's block: seeds for the comparisons still open
+        nxt = grid_now()
+        if {r.slug for r in nxt.runs} == {r.slug for r in g.runs}:
+            break
+        print(describe(nxt, None, workers))
+        g, entries = nxt, run_grid(nxt, out, workers)
     for slug, e in entries.items():
         if not ended(e):
             print(f"run {slug} did not end: {e['state']}" + (f" ({e['reason']})" if "reason" in e else ""))

@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 import yaml
 
 from drpo.experiments import claims as C
+from drpo.experiments import sequential as Q
 from drpo.experiments.selection import Choice, choose_cells
 from drpo.experiments.study import CALM, LR_EXTENSION, LR_LADDER, METHODS, SETTINGS, map_cells
 from drpo.training.config import load_config
@@ -102,13 +103,14 @@ class Run:
         return f"{self.setting}/{self.method}/seed{self.seed}"
 
 
-KINDS = ("map", "decide", "quick", "file")
+KINDS = ("map", "decide", "sequential", "quick", "file")
 
 
 @dataclass
 class Grid:
-    """A grid's runs by block. ``kind``: 'map' (the stability map, stage 1), 'decide' (stage 2), 'quick',
-    or 'file' (a YAML grid file); ``choice``: stage 2's cells as the rule chose them (made once, in
+    """A grid's runs by block. ``kind``: 'map' (the stability map, stage 1), 'decide' (stage 2),
+    'sequential' (seeds added at cell A by :mod:`drpo.experiments.sequential`), 'quick', or 'file' (a YAML
+    grid file); ``choice``: stage 2's cells as the rule chose them (made once, in
     :func:`build_grid`, and written beside the map by ``drpo compare``)."""
 
     name: str
@@ -176,12 +178,12 @@ def expand(name: str, blocks: Sequence[Block], base: Sequence[str], claims: Sequ
     return grid
 
 
-GRIDS = ("map", "map-ext", "decide", "quick")
+GRIDS = ("map", "map-ext", "decide", "sequential", "quick")
 
 
 def build_grid(name: str = "map", *, seeds: Optional[int] = None, steps: Optional[int] = None,
                blocks: Optional[Sequence[str]] = None, overrides: Sequence[str] = (),
-               map_dir: Optional[Path] = None) -> Grid:
+               map_dir: Optional[Path] = None, runs_dir: Optional[Path] = None) -> Grid:
     """A named grid (:data:`GRIDS`) or a YAML grid file, resized.
 
     seeds      seeds per block: the first ``seeds`` of each block's own
@@ -189,6 +191,8 @@ def build_grid(name: str = "map", *, seeds: Optional[int] = None, steps: Optiona
     blocks     keep only these blocks (by name)
     overrides  extra base overrides for every run, e.g. ``["model=/path", "train.lr=2e-4"]``
     map_dir    ``decide`` only: the folder of the finished stage-1 map, whose PG-IS runs choose the cells
+    runs_dir   ``sequential`` only: the grid's own folder, whose ended runs decide which blocks of seeds the
+               plan asks for next (none yet: the first block)
 
     A YAML grid file holds ``base: [overrides]``, ``blocks: [{name, claims, methods, settings, seeds}]``
     with method and setting names from :data:`METHODS` and :data:`SETTINGS` (``seeds``: a count, or a
@@ -206,6 +210,12 @@ def build_grid(name: str = "map", *, seeds: Optional[int] = None, steps: Optiona
         choice = choose_cells(Path(map_dir))
         chosen = decide_blocks(choice.stressed)
         base, claims, notes = GRID_BASE + (f"train.steps={DECIDE_STEPS}",), C.decide_claims(CALM, choice.stressed), choice.notes
+    elif name == "sequential":
+        if seeds is not None or blocks:
+            raise ValueError("--grid sequential is a plan fixed in advance: its seeds and blocks cannot be chosen")
+        chosen = tuple(Block(f"look{k}", f"look {k} of the sequential plan: seeds for the comparisons still open",
+                             methods, (Q.CELL.name,), Q.seeds_of(k)) for k, methods in Q.blocks_to_run(Q.ended_runs(runs_dir)))
+        base, claims = GRID_BASE + (f"train.steps={Q.STEPS}",), Q.claims()
     elif name == "quick":
         chosen, base, claims = QUICK_BLOCKS, GRID_BASE + QUICK_BASE, ()
     elif name.endswith((".yaml", ".yml")):

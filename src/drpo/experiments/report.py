@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from drpo.experiments import claims as C
+from drpo.experiments import effects as E
 from drpo.experiments import results as R
 from drpo.experiments import stats as S
 from drpo.experiments.results import RunResult, Runs
@@ -26,88 +27,6 @@ from drpo.training import collapse as collapse_rules
 BUCKETS = BUCKET_NAMES
 TRUST = ("beyond_pos_frac", "beyond_neg_frac", "neg_weight_frac", "inactive_frac")
 BUCKET_COLS = ("token_frac", "beyond_frac", "neg_weight_frac", "inactive_frac")
-
-
-# ---------------------------------------------------------------------------- verdicts
-@dataclass
-class Verdict:
-    claim: C.Claim
-    scope: str        # the settings the effect pools
-    effect: S.Effect
-    verdict: str
-    detail: str = ""  # e.g. the control chosen as "best"
-
-
-def _final(r: RunResult) -> Optional[float]:
-    return r.final_acc
-
-
-def _side(runs: Runs, setting: str, names: tuple[str, ...], f: Callable[[RunResult], Optional[float]]
-          ) -> tuple[dict[int, float], str]:
-    """Per seed, the mean of ``f`` over the methods ``names`` (all must have the seed); a name
-    'best:m1,m2' picks, in this setting, the method with the highest mean final accuracy."""
-    label = "+".join(names)
-    if len(names) == 1 and names[0].startswith("best:"):
-        cands = [m for m in names[0][5:].split(",") if runs.by.get((setting, m))]
-        if not cands:
-            return {}, label
-        best = max(cands, key=lambda m: np.mean(list(runs.per_seed(setting, m, _final).values())))
-        names, label = (best,), best
-    per = [runs.per_seed(setting, m, f) for m in names]
-    if not per or not all(per):
-        return {}, label
-    seeds = set.intersection(*(set(d) for d in per))
-    return {s: float(np.mean([d[s] for d in per])) for s in seeds}, label
-
-
-def time_target(runs: Runs, setting: str) -> Optional[float]:
-    """The setting's target accuracy: step-0 accuracy + TIME_FRACTION x (best mean final - step-0)."""
-    finals = [np.mean(list(d.values())) for m in runs.methods(setting) if (d := runs.per_seed(setting, m, _final))]
-    starts = [r.initial_acc for m in runs.methods(setting) for r in runs.by[(setting, m)].values()
-              if r.initial_acc is not None]
-    if not finals or not starts:
-        return None
-    start = float(np.mean(starts))
-    return start + C.TIME_FRACTION * (max(finals) - start)
-
-
-def _metric(runs: Runs, claim: C.Claim, setting: str) -> Callable[[RunResult], Optional[float]]:
-    if claim.metric == "final_acc":
-        return _final
-    if claim.metric == "grad_var":
-        return lambda r: math.log(r.grad_var) if r.grad_var and r.grad_var > 0 else None
-    target = time_target(runs, setting)
-    if target is None:
-        return lambda r: None
-    return lambda r: math.log(r.steps_to(target, r.last_step + r.eval_every))
-
-
-def claim_effect(runs: Runs, claim: C.Claim, settings: tuple[str, ...]) -> tuple[S.Effect, str]:
-    """The effect of ``claim`` over ``settings``: paired over seeds, or collapse counts."""
-    if claim.metric == "collapse":
-        side = lambda names: [r for s in settings for m in names for r in runs.by.get((s, m), {}).values()]  # noqa: E731
-        t, c = side(claim.treatment), side(claim.control)
-        return S.count_effect(sum(r.collapsed for r in t), len(t), sum(r.collapsed for r in c), len(c)), ""
-    values, notes = [], []
-    for s in settings:
-        f = _metric(runs, claim, s)  # (the time target of the treatment's setting serves both sides)
-        t, _ = _side(runs, s, claim.treatment, f)
-        c, label = _side(runs, claim.control_setting or s, claim.control, f)
-        values += [t[k] - c[k] for k in sorted(set(t) & set(c))]
-        if claim.control[0].startswith("best:") and c:
-            notes.append(f"{s}: best fixed = {label}")
-    return S.paired_effect(values, log_scale=claim.metric in C.LOG_METRICS), "; ".join(notes)
-
-
-def verdicts(runs: Runs, claims: tuple[C.Claim, ...]) -> list[Verdict]:
-    out = []
-    for claim in claims:
-        present = tuple(s for s in claim.settings if s in runs.settings())
-        scopes = [(s,) for s in present] if claim.per_setting else [present]
-        for scope in scopes or [claim.settings]:
-            e, detail = claim_effect(runs, claim, scope)
-            out.append(Verdict(claim, ", ".join(scope), e, C.verdict(claim, e), detail))
-    return out
 
 
 # ---------------------------------------------------------------------------- figures and tables
@@ -280,7 +199,7 @@ def _module_doc(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------- stage-2 sections
-def _verdict_rows(vs: list[Verdict], label: Callable[[str], str]) -> list[list[str]]:
+def _verdict_rows(vs: list[E.Verdict], label: Callable[[str], str]) -> list[list[str]]:
     rows = []
     for v in vs:
         c = v.claim
@@ -307,7 +226,7 @@ def _verdict_rows(vs: list[Verdict], label: Callable[[str], str]) -> list[list[s
 
 
 def section_verdicts(ctx: Context) -> list[str]:
-    vs = verdicts(ctx.runs, tuple(C.Claim.from_dict(d, "grid.json") for d in ctx.manifest.get("claims", [])))
+    vs = E.verdicts(ctx.runs, tuple(C.Claim.from_dict(d, "grid.json") for d in ctx.manifest.get("claims", [])))
     regimes = list(dict.fromkeys(v.claim.regime for v in vs))
     out = ["## Verdicts, per regime (stage 2)", "",
            "Effects are paired differences (treatment minus control, same seed and setting) with 95% t-intervals; "
@@ -341,7 +260,7 @@ def section_settings(ctx: Context) -> list[str]:
     """Accuracy, collapses and time to accuracy, per setting and method."""
     out = ["## Accuracy, collapses and time to accuracy", ""]
     for s in ctx.runs.settings():
-        target = time_target(ctx.runs, s)
+        target = E.time_target(ctx.runs, s)
         out += [f"### {ctx.slabel(s)} (`{s}`)", "",
                 f"Target for time to accuracy: {target:.3f}." if target is not None else "", ""]
         rows = []

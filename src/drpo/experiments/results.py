@@ -6,6 +6,8 @@
                    when stopped (it stops right after an evaluation).
 * best accuracy    the highest ``eval/accuracy`` the run logged.
 * collapse         :mod:`drpo.training.collapse` on the run's metrics (a diverged run counts).
+* time to collapse the step its collapse began; a run that never collapsed is censored at its last step
+                   (a run stopped for collapse stopped *after* it began, so its time is never censored).
 * gradient-norm variance   the variance over steps of ``train/grad_norm`` (pre-clipping), per run.
 
 A run has *ended* when its status says ``finished``, ``collapsed`` (stopped early), or ``failed`` with
@@ -65,6 +67,12 @@ class RunResult:
         return self.collapse.collapsed
 
     @property
+    def time_to_collapse(self) -> tuple[int, bool]:
+        """(the step its collapse began, True), or (its last step, False) for a run that never collapsed:
+        survival data, censored at the last step."""
+        return (self.collapse.began, True) if self.collapsed else (self.last_step, False)
+
+    @property
     def initial_acc(self) -> Optional[float]:
         acc = self.series("eval/accuracy")
         return acc[0][1] if acc and acc[0][0] == 0 else None
@@ -104,16 +112,23 @@ class RunResult:
         return float(np.var(g, ddof=1)) if len(g) >= 2 else None
 
 
+def load_run(out: Path, slug: str, method: str, setting: str, seed: int) -> Optional[RunResult]:
+    """The run in ``out/slug`` if it has ended (a result), else None."""
+    run_dir = Path(out) / slug
+    status = run_io.read_status(run_dir)
+    if not ended(status):
+        return None
+    return RunResult(slug, method, setting, seed, status["state"], run_io.read_metrics(run_dir / "metrics.jsonl"))
+
+
 def load_runs(out: Path) -> tuple[dict, list[RunResult], list[str]]:
     """(manifest, runs that ended, slugs of runs that have not ended) of the grid in ``out``."""
     manifest = json.loads((Path(out) / "grid.json").read_text())
     done, pending = [], []
     for r in manifest["runs"]:
-        run_dir = Path(out) / r["slug"]
-        status = run_io.read_status(run_dir)
-        if ended(status):
-            done.append(RunResult(r["slug"], r["method"], r["setting"], r["seed"], status["state"],
-                                  run_io.read_metrics(run_dir / "metrics.jsonl")))
+        run = load_run(Path(out), r["slug"], r["method"], r["setting"], r["seed"])
+        if run is not None:
+            done.append(run)
         else:
             pending.append(r["slug"])
     return manifest, done, pending

@@ -8,6 +8,24 @@ minimum detectable effect (MDE), and exact tests on collapse counts.
                    Newcombe (hybrid Wilson score) interval, one-sided Fisher exact p-values in both
                    directions, and the MDE: the smallest reduction of the control's observed rate that a
                    one-sided 5% Fisher test detects with 80% power at these n (exact binomial enumeration)
+    bounded_mean_ci  the mean of values bounded to a range (accuracies), with a 95% percentile bootstrap
+                   interval: it stays within what the values can take, where a t-interval of few seeds does not
+
+Time to collapse, as survival data (statsmodels' ``SurvfuncRight`` and ``survdiff``):
+
+    kaplan_meier   the Kaplan-Meier estimate S(t), the median time with its 95% interval (Brookmeyer-
+                   Crowley, complementary log-log) and the restricted mean time up to a horizon (the area
+                   under S: the mean steps survived within the budget)
+    logrank        the log-rank test of two groups: chi^2 (1 df), its p-value, and the signed z = +-sqrt(chi^2),
+                   positive when group 1 survives longer (the larger restricted mean)
+
+Aggregates for few runs (Agarwal et al., NeurIPS 2021; scipy's bootstrap, not their archived ``rliable``):
+
+    iqm            the interquartile mean (the mean of the middle 50% of runs, scipy's trim_mean 0.25) with a
+                   95% stratified percentile bootstrap interval: runs are resampled within each stratum
+                   (setting), each stratum a separate sample of scipy.stats.bootstrap
+    poi            the probability of improvement P(X > Y) + P(X = Y) / 2 (Mann-Whitney U / (n m)), averaged
+                   over strata, with the same stratified bootstrap (X's and Y's runs resampled independently)
 """
 from __future__ import annotations
 
@@ -158,3 +176,165 @@ def count_effect(k1: int, n1: int, k2: int, n2: int) -> Effect:
     return Effect(k2 / n2 - k1 / n1, lo, hi, n1 + n2, count_mde(n1, k2 / n2, n2),
                   detail=f"{k1}/{n1} vs {k2}/{n2} collapsed",
                   p_less=fisher_less(k1, n1, k2, n2), p_greater=fisher_less(k2, n2, k1, n1))
+
+
+BOOTSTRAP_RESAMPLES = 4000
+BOOTSTRAP_SEED = 0  # the report's intervals are reproducible
+
+
+def _bootstrap(samples: Sequence[np.ndarray], statistic) -> tuple[float, float]:
+    """95% percentile interval of ``statistic(*samples)``, each sample resampled on its own."""
+    if any(len(x) < 2 for x in samples):
+        return float("nan"), float("nan")
+    if all(np.ptp(x) == 0 for x in samples):  # nothing varies: every resample gives the estimate
+        v = float(statistic(*samples))
+        return v, v
+    res = stats.bootstrap(tuple(samples), statistic, n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
+                          vectorized=False, random_state=np.random.default_rng(BOOTSTRAP_SEED))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def bounded_mean_ci(values: Iterable[Optional[float]]) -> Estimate:
+    """Mean and 95% percentile bootstrap interval (within the values' range, unlike a t-interval)."""
+    v = _finite(values)
+    if v.size == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    lo, hi = _bootstrap([v], np.mean)
+    return Estimate(float(v.mean()), lo, hi, int(v.size))
+
+
+def iqm(strata: Sequence[Sequence[float]]) -> Estimate:
+    """Interquartile mean of all runs of ``strata`` (lists of per-run values, one per setting) with its
+    stratified bootstrap interval."""
+    xs = [np.asarray(x, dtype=float) for x in strata if len(x)]
+    if not xs:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+
+    def statistic(*samples):
+        return stats.trim_mean(np.concatenate(samples), 0.25)
+
+    lo, hi = _bootstrap(xs, statistic)
+    return Estimate(float(statistic(*xs)), lo, hi, int(sum(len(x) for x in xs)))
+
+
+def poi(x_strata: Sequence[Sequence[float]], y_strata: Sequence[Sequence[float]]) -> Estimate:
+    """P(X > Y) + P(X = Y) / 2 per stratum (X's runs against Y's runs of the same setting), averaged over the
+    strata where both have runs, with its stratified bootstrap interval."""
+    pairs = [(np.asarray(x, dtype=float), np.asarray(y, dtype=float)) for x, y in zip(x_strata, y_strata)
+             if len(x) and len(y)]
+    if not pairs:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    k = len(pairs)
+
+    def statistic(*samples):
+        return float(np.mean([stats.mannwhitneyu(samples[i], samples[k + i]).statistic
+                              / (len(samples[i]) * len(samples[k + i])) for i in range(k)]))
+
+    samples = [x for x, _ in pairs] + [y for _, y in pairs]
+    lo, hi = _bootstrap(samples, statistic)
+    return Estimate(statistic(*samples), lo, hi, int(sum(len(x) + len(y) for x, y in pairs)))
+
+
+@dataclass
+class Survival:
+    """A Kaplan-Meier estimate: S(t) after each distinct time ``times`` (S = 1 before the first), the median
+    time with its 95% interval (NaN where S never falls to 0.5, or the bound is not reached), the restricted
+    mean up to ``horizon``, and the counts."""
+
+    times: np.ndarray
+    surv: np.ndarray
+    median: float
+    median_lo: float
+    median_hi: float
+    rmst: float
+    horizon: float
+    n: int
+    events: int
+
+
+def kaplan_meier(durations: Sequence[float], events: Sequence[bool], horizon: float) -> Survival:
+    from statsmodels.duration.survfunc import SurvfuncRight
+
+    d, e = np.asarray(durations, dtype=float), np.asarray(events, dtype=float)
+    if d.size == 0:
+        nan = float("nan")
+        return Survival(np.array([]), np.array([]), nan, nan, nan, nan, horizon, 0, 0)
+    sf = SurvfuncRight(d, e)
+    times, surv = np.asarray(sf.surv_times, dtype=float), np.asarray(sf.surv_prob, dtype=float)
+    # restricted mean: the area under the step function S from 0 to the horizon
+    edges = np.concatenate([[0.0], np.minimum(times, horizon), [horizon]])
+    levels = np.concatenate([[1.0], surv])
+    rmst = float(np.sum(levels * np.diff(edges).clip(min=0)))
+    if e.sum() == 0:
+        median = lo = hi = float("nan")
+    else:
+        median = float(sf.quantile(0.5))
+        with np.errstate(all="ignore"):
+            lo, hi = (float(x) for x in sf.quantile_ci(0.5))
+    return Survival(times, surv, median, lo, hi, rmst, horizon, int(d.size), int(e.sum()))
+
+
+def logrank(d1: Sequence[float], e1: Sequence[bool], d2: Sequence[float], e2: Sequence[bool],
+            horizon: float) -> tuple[float, float, float]:
+    """(chi^2, p, z) of the log-rank test of group 1 against group 2; z > 0 when group 1 survives longer
+    (its restricted mean up to ``horizon`` is larger). No information (no event, or every run of both groups
+    at risk failing at one time: the statistic's variance is 0): (0, 1, 0)."""
+    from statsmodels.duration.survfunc import survdiff
+
+    if not (len(d1) and len(d2)) or sum(e1) + sum(e2) == 0:
+        return 0.0, 1.0, 0.0
+    try:
+        chisq, p = survdiff(np.concatenate([d1, d2]).astype(float), np.concatenate([e1, e2]).astype(float),
+                            np.array([1] * len(d1) + [2] * len(d2)))
+    except np.linalg.LinAlgError:
+        return 0.0, 1.0, 0.0
+    sign = np.sign(kaplan_meier(d1, e1, horizon).rmst - kaplan_meier(d2, e2, horizon).rmst)
+    return float(chisq), float(p), float(sign * math.sqrt(max(float(chisq), 0.0)))
+
+
+def spending(t: float, alpha: float = 0.05) -> float:
+    """Lan-DeMets O'Brien-Fleming-type alpha spending for a two-sided test of total error ``alpha``, each
+    side spending 2 - 2 Phi(z_{1-alpha/4} / sqrt(t)) (alpha / 2 per side by t = 1; gsDesign's sfLDOF
+    convention): the error rate spent by information fraction t."""
+    return 0.0 if t <= 0 else float(2 * (2 - 2 * stats.norm.cdf(stats.norm.ppf(1 - alpha / 4) / math.sqrt(t))))
+
+
+def group_sequential_bounds(fractions: Sequence[float], alpha: float = 0.05, grid: int = 2001) -> list[float]:
+    """Two-sided critical values c_1..c_K for z statistics at information fractions t_1 < ... < t_K <= 1:
+    under no effect, P(|Z_1| < c_1, ..., |Z_{k-1}| < c_{k-1}, |Z_k| >= c_k) = spending(t_k) - spending(t_{k-1}).
+
+    Z_k = S_k / sqrt(t_k) where the score S has independent normal increments, S_k - S_{k-1} ~ N(0, t_k -
+    t_{k-1}) (the canonical joint law of a statistic on accumulating data). The crossing probabilities come
+    from the density of S on the continuation region, carried from look to look by convolution with the
+    increment's normal density on a grid (the recursion of Armitage, McPherson and Rowe 1969, as in gsDesign);
+    each c_k by root finding."""
+    from scipy.optimize import brentq
+
+    t = np.asarray(fractions, dtype=float)
+    if not (t.size and np.all(np.diff(t) > 0) and 0 < t[0] and t[-1] <= 1):
+        raise ValueError(f"information fractions must increase within (0, 1]: {list(fractions)}")
+    bounds: list[float] = []
+    s = density = None  # the continuation region's grid of S and the (sub-)density of S on it
+    for k, tk in enumerate(t):
+        target = spending(tk, alpha) - spending(t[k - 1] if k else 0.0, alpha)
+        if k == 0:
+            c = float(stats.norm.isf(target / 2))
+        else:
+            sd = math.sqrt(tk - t[k - 1])
+
+            def crossing(c: float) -> float:  # P(still inside before look k, outside at look k) - target
+                edge = c * math.sqrt(tk)
+                out = stats.norm.cdf((-edge - s) / sd) + stats.norm.sf((edge - s) / sd)
+                return float(np.trapezoid(density * out, s)) - target
+
+            c = float(brentq(crossing, 0.1, 40.0, xtol=1e-7))
+        bounds.append(c)
+        edge = c * math.sqrt(tk)
+        new_s = np.linspace(-edge, edge, grid)
+        if k == 0:
+            density = stats.norm.pdf(new_s, scale=math.sqrt(tk))
+        else:
+            kernel = stats.norm.pdf(new_s[:, None] - s[None, :], scale=math.sqrt(tk - t[k - 1]))
+            density = np.trapezoid(kernel * density[None, :], s, axis=1)
+        s = new_s
+    return bounds
