@@ -124,3 +124,44 @@ def test_drpo_compare_runs_the_plan_until_it_asks_for_nothing_new(tmp_path, monk
     assert looks_run == [1, 2] and all(e["state"] in ("finished", "collapsed") for e in res["entries"].values())
     manifest = json.loads((tmp_path / "seq" / "grid.json").read_text())
     assert manifest["kind"] == "sequential" and [b["name"] for b in manifest["blocks"]] == ["look1", "look2"]
+
+
+def test_the_report_shows_the_plan_the_survival_tests_and_the_robust_aggregates(tmp_path):
+    from drpo.experiments import report
+
+    out = tmp_path / "seq"
+    run_look(out, 1)
+    run_look(out, 2, ("pg_is", "dppo_tv", "drpo_d0.15"))
+    compare.write_manifest(out, grids.build_grid("sequential", runs_dir=out))
+    text = report.write_report(out, tmp_path / "rep", "CMD").read_text()
+    heads = [h for h in text.splitlines() if h.startswith("## ")]
+    assert heads[:4] == ["## The sequential plan and where each comparison stopped", "## Verdicts, per regime (nominal)",
+                         "## Time to collapse", "## Aggregates for few runs: interquartile mean and probability of "
+                         "improvement"]
+    assert "| (k) stressed |" in text and "| log-rank | 2 | 10 | **reproduced** |" in text
+    assert "| paired | 1 | 5 | **contradicted** |" in text and "**futility**" in text
+    assert "z = +4.36, p = 1.31e-05 | treatment later |" in text  # the log-rank beside the exact test, for (k)
+    assert "| 0/10 vs 10/10 collapsed | 5.41e-06 | **reproduced** |" in text
+    assert "| lr1e-3_s4_fp8 | Unregularized (PG-IS) | 10 | 10 | 10 [" in text  # median time to collapse: step 10
+    assert "| DRPO (delta 0.15) | 0.399 [" in text  # IQM
+    assert (tmp_path / "rep" / "time_to_collapse.png").stat().st_size > 5000
+
+
+def test_curves_carry_a_stopped_run_forward_and_intervals_stay_in_range(tmp_path):
+    from drpo.experiments import report, results
+
+    out = tmp_path / "seq"
+    write_run(out, "drpo", 1000, 0.40)                  # finished, 0.40 to step 100
+    write_run(out, "drpo", 1001, 0.40, collapse_at=10)  # collapsed at 10 (0.01), stopped at step 30
+    runs = Q.ended_runs(out).by[(Q.CELL.name, "drpo")]
+    curve = report.carried_curve(runs, "eval/accuracy", horizon=100)
+    at = {int(s): m for s, m in zip(curve.steps, curve.mean)}
+    # at step 100 the mean is over both runs (the stopped one at its last value), not over the survivor alone
+    assert at[100] == pytest.approx((runs[1000].series("eval/accuracy")[-1][1] + 0.01) / 2)
+    assert curve.stopped[list(runs).index(1001)] == (30, 0.01) and curve.stopped[list(runs).index(1000)] is None
+    # a stopped run alone still reaches the budget, at its collapsed value
+    only = report.carried_curve({1001: runs[1001]}, "eval/accuracy", horizon=100)
+    assert only.steps[-1] == 100 and only.mean[-1] == pytest.approx(0.01)
+    accs = [r.final_acc for r in results.Runs(list(runs.values())).by[(Q.CELL.name, "drpo")].values()]
+    e = report.S.bounded_mean_ci(accs + [0.0, 0.0])
+    assert 0 <= e.lo <= e.mean <= e.hi <= 1 and report.S.mean_ci(accs + [0.0, 0.0]).lo < 0  # a t-interval leaves [0, 1]

@@ -33,7 +33,7 @@ def final(r: RunResult) -> Optional[float]:
     return r.final_acc
 
 
-def _side(runs: Runs, setting: str, names: tuple[str, ...], f: Callable[[RunResult], Optional[float]]
+def side_values(runs: Runs, setting: str, names: tuple[str, ...], f: Callable[[RunResult], Optional[float]]
           ) -> tuple[dict[int, float], str]:
     """Per seed, the mean of ``f`` over the methods ``names`` (all must have the seed); a name
     'best:m1,m2' picks, in this setting, the method with the highest mean final accuracy."""
@@ -79,8 +79,8 @@ def paired_values(runs: Runs, claim: C.Claim, settings: tuple[str, ...]) -> tupl
     values, notes = [], []
     for s in settings:
         f = _metric(runs, claim, s)  # (the time target of the treatment's setting serves both sides)
-        t, _ = _side(runs, s, claim.treatment, f)
-        c, label = _side(runs, claim.control_setting or s, claim.control, f)
+        t, _ = side_values(runs, s, claim.treatment, f)
+        c, label = side_values(runs, claim.control_setting or s, claim.control, f)
         values += [t[k] - c[k] for k in sorted(set(t) & set(c))]
         if claim.control[0].startswith("best:") and c:
             notes.append(f"{s}: best fixed = {label}")

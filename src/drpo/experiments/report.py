@@ -8,12 +8,12 @@ Markdown lines (and draws its figure), so a section can be read, tested or left 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+from scipy.stats import norm
 
 from drpo.experiments import claims as C
 from drpo.experiments import effects as E
@@ -42,7 +42,8 @@ def _plt():
 def _finish(plt, fig, ax, path: Path) -> Path:
     """A one-axis figure's grid and legend, written to ``path``."""
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -59,21 +60,56 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _pooled(runs: dict[int, RunResult], key: str) -> S.Estimate:
-    return S.mean_ci([r.step_mean(key) for r in runs.values()])
+    return S.bounded_mean_ci([r.step_mean(key) for r in runs.values()])
 
 
-def _curve(runs: dict[int, RunResult], key: str) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
-    by_step: dict[int, list[float]] = defaultdict(list)
-    for r in runs.values():
-        for step, v in r.series(key):
-            if math.isfinite(v):
-                by_step[step].append(v)
-    steps = sorted(by_step)
-    est = [S.mean_ci(by_step[s]) for s in steps]
-    mean = np.array([e.mean for e in est])
-    lo = np.array([e.lo if math.isfinite(e.lo) else e.mean for e in est])
-    hi = np.array([e.hi if math.isfinite(e.hi) else e.mean for e in est])
-    return steps, mean, lo, hi
+@dataclass
+class Curve:
+    """A metric over steps for the runs of one method: ``values`` has one row per run, each run's latest logged
+    value at every step (NaN before its first); a run that stopped early (collapse) carries its last value
+    forward, so the mean at a late step is over every run, not over the survivors alone."""
+
+    steps: np.ndarray
+    values: np.ndarray
+    stopped: list[Optional[tuple[int, float]]]  # per run: (step, value) where it stopped early, or None
+
+    @property
+    def mean(self) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return np.nanmean(self.values, axis=0)
+
+
+def carried_curve(runs: dict[int, RunResult], key: str, horizon: int = 0) -> Curve:
+    """The curve of ``key`` over steps, carried to ``horizon`` (the step budget) for runs that stopped early."""
+    series = [[(s, v) for s, v in r.series(key) if math.isfinite(v)] for r in runs.values()]
+    steps = {s for ser in series for s, _ in ser}
+    if steps and any(r.state != "finished" for r in runs.values()) and horizon > max(steps):
+        steps.add(horizon)
+    steps = np.array(sorted(steps), dtype=float)
+    values = np.full((len(series), len(steps)), np.nan)
+    stopped: list[Optional[tuple[int, float]]] = []
+    for i, (ser, r) in enumerate(zip(series, runs.values())):
+        if not ser:
+            stopped.append(None)
+            continue
+        at, vals = np.array([s for s, _ in ser], dtype=float), np.array([v for _, v in ser])
+        idx = np.searchsorted(at, steps, side="right") - 1  # the latest logged value at or before each step
+        values[i] = np.where(idx >= 0, vals[np.clip(idx, 0, None)], np.nan)
+        stopped.append((int(at[-1]), float(vals[-1])) if r.state != "finished" else None)  # stopped before its budget
+    return Curve(steps, values, stopped)
+
+
+CURVE_NOTE = ("mean over seeds (bold); thin lines: single seeds; a run stopped for collapse keeps its last value in "
+              "later steps (x: where it stopped)")
+
+
+def _draw(ax, curve: Curve, label: str, marker: Optional[str] = None, ls: str = "-"):
+    line, = ax.plot(curve.steps, curve.mean, marker=marker, ms=3, ls=ls, lw=1.8, label=label)
+    for row, stop in zip(curve.values, curve.stopped):
+        ax.plot(curve.steps, row, color=line.get_color(), lw=0.6, alpha=0.3)
+        if stop is not None:
+            ax.plot([stop[0]], [stop[1]], marker="x", color=line.get_color(), ms=5, alpha=0.8)
+    return line
 
 
 @dataclass
@@ -226,9 +262,15 @@ def _verdict_rows(vs: list[E.Verdict], label: Callable[[str], str]) -> list[list
 
 
 def section_verdicts(ctx: Context) -> list[str]:
-    vs = E.verdicts(ctx.runs, tuple(C.Claim.from_dict(d, "grid.json") for d in ctx.manifest.get("claims", [])))
+    vs = E.verdicts(ctx.runs, _claims(ctx))
     regimes = list(dict.fromkeys(v.claim.regime for v in vs))
-    out = ["## Verdicts, per regime (stage 2)", "",
+    sequential = ctx.manifest.get("kind") == "sequential"
+    out = ["## Verdicts, per regime" + (" (nominal)" if sequential else " (stage 2)"), ""]
+    if sequential:
+        out += ["The fixed-sample rules of stage 2 applied once to all the runs here, for reference: they are not "
+                "adjusted for the plan's looks, so the decisions above (the sequential plan's) are the ones that "
+                "count.", ""]
+    out += [
            "Effects are paired differences (treatment minus control, same seed and setting) with 95% t-intervals; "
            "accuracy in fractions (0.03 = 3 points), variance and time as relative reductions; collapse as the "
            "reduction of the collapse rate (control minus treatment) with a 95% Newcombe interval and a one-sided "
@@ -253,7 +295,9 @@ def section_definitions() -> list[str]:
             f"* **time to accuracy**: the first evaluation step at which a run reaches the setting's target, step-0 "
             f"accuracy + {C.TIME_FRACTION:g} x (best method's mean final accuracy - step-0 accuracy); never: "
             "last step + one evaluation interval (censored).",
-            "* intervals are 95% Student-t intervals over seeds, shown as `mean [lo, hi]`.", ""]
+            "* intervals of a mean over seeds (tables) are 95% percentile bootstrap intervals, shown as `mean "
+            "[lo, hi]`: they stay within the values' range (an accuracy's within [0, 1]); paired effects of the "
+            "verdicts use Student-t intervals.", ""]
 
 
 def section_settings(ctx: Context) -> list[str]:
@@ -268,32 +312,32 @@ def section_settings(ctx: Context) -> list[str]:
             rr = ctx.runs.by[(s, m)]
             steps = [r.steps_to(target, r.last_step + r.eval_every) for r in rr.values()] if target is not None else []
             censored = sum(st > r.last_step for st, r in zip(steps, rr.values()))
-            rows.append([ctx.label(m), str(len(rr)), S.mean_ci(r.initial_acc for r in rr.values()).fmt(),
-                         S.mean_ci(r.final_acc for r in rr.values()).fmt(),
-                         S.mean_ci(r.best_acc for r in rr.values()).fmt(),
+            rows.append([ctx.label(m), str(len(rr)), S.bounded_mean_ci(r.initial_acc for r in rr.values()).fmt(),
+                         S.bounded_mean_ci(r.final_acc for r in rr.values()).fmt(),
+                         S.bounded_mean_ci(r.best_acc for r in rr.values()).fmt(),
                          f"{sum(r.collapsed for r in rr.values())}/{len(rr)}",
                          f"{sum(r.collapse.recovered for r in rr.values())}",
                          f"{sum(r.diverged for r in rr.values())}/{len(rr)}",
-                         (S.mean_ci(steps).fmt(digits=0) + (f", {censored} censored" if censored else "")) if steps else "-"])
+                         (S.bounded_mean_ci(steps).fmt(digits=0) + (f", {censored} censored" if censored else ""))
+                         if steps else "-"])
         out += [_table(["method", "seeds", "step-0 acc", "final acc", "best acc", "collapsed", "recovered",
                         "diverged", "steps to target"], rows), ""]
     return out
 
 
-def plot_curves(runs: Runs, setting: str, methods: list[str], label: Callable[[str], str], path: Path) -> Path:
+def plot_curves(runs: Runs, setting: str, methods: list[str], label: Callable[[str], str], path: Path,
+                horizon: int = 0) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), constrained_layout=True)
     for ax, key, title in ((axes[0], "eval/accuracy", "held-out accuracy"), (axes[1], "reward/mean", "train reward"),
                            (axes[2], "response/eos_frac", "responses ending with EOS")):
         for i, m in enumerate(methods):
-            steps, mean, lo, hi = _curve(runs.by.get((setting, m), {}), key)
-            if not steps:
-                continue
-            line, = ax.plot(steps, mean, marker="o" if key == "eval/accuracy" else None, ms=3,
-                            ls=("-", "--")[i // 10 % 2], label=label(m))
-            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
-        ax.set(title=f"{title} ({setting}; mean, 95% CI over seeds)", xlabel="step", ylabel=key)
+            curve = carried_curve(runs.by.get((setting, m), {}), key, horizon)
+            if curve.steps.size:
+                _draw(ax, curve, label(m), marker="o" if key == "eval/accuracy" else None, ls=("-", "--")[i // 10 % 2])
+        ax.set(title=f"{title} ({setting})", xlabel="step", ylabel=key)
         ax.grid(alpha=0.3)
+    fig.suptitle(CURVE_NOTE, fontsize=9)
     axes[0].legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -307,21 +351,21 @@ def plot_delta(runs: Runs, settings: list[str], path: Path) -> Optional[Path]:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
     for s in settings:
-        steps, mean, lo, hi = _curve(runs.by.get((s, "drpo_auto"), {}), "obj/delta")
-        if steps:
-            line, = ax.plot(steps, mean, label=s)
-            ax.fill_between(steps, np.maximum(lo, 1e-3), hi, color=line.get_color(), alpha=0.15)
-    ax.set(yscale="log", xlabel="step", ylabel="delta", title="adaptive delta (mean, 95% CI over seeds)")
+        curve = carried_curve(runs.by.get((s, "drpo_auto"), {}), "obj/delta")
+        if curve.steps.size:
+            _draw(ax, curve, s)
+    ax.set(yscale="log", xlabel="step", ylabel="delta", title="adaptive delta\n" + CURVE_NOTE)
+    ax.title.set_fontsize(8)
     return _finish(plt, fig, ax, path)
 
 
 def section_curves(ctx: Context) -> list[str]:
     out = ["## Curves", ""]
     for s in ctx.runs.settings():
-        fig = plot_curves(ctx.runs, s, ctx.runs.methods(s), ctx.label, ctx.report_dir / f"curves_{s}.png")
+        fig = plot_curves(ctx.runs, s, ctx.runs.methods(s), ctx.label, ctx.report_dir / f"curves_{s}.png", _budget(ctx))
         out += [f"![curves {s}]({fig.name})", "",
-                f"*{ctx.slabel(s)}: held-out accuracy, train reward and the share of responses that end, mean and 95% "
-                f"interval over seeds. {ctx.made_by}*", ""]
+                f"*{ctx.slabel(s)}: held-out accuracy, train reward and the share of responses that end; {CURVE_NOTE}. "
+                f"{ctx.made_by}*", ""]
     fig = plot_delta(ctx.runs, ctx.runs.settings(), ctx.report_dir / "adaptive_delta.png")
     if fig is not None:
         out += ["### The adaptive delta", "", f"![adaptive delta]({fig.name})", "",
@@ -418,6 +462,182 @@ def section_grid(ctx: Context, out_dir: Path) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------- time to collapse
+def _claims(ctx: Context) -> tuple[C.Claim, ...]:
+    return tuple(C.Claim.from_dict(d, "grid.json") for d in ctx.manifest.get("claims", []))
+
+
+def _budget(ctx: Context) -> int:
+    """The runs' step budget (train.steps of the grid's base), the horizon of the survival curves."""
+    steps = [int(o.split("=", 1)[1]) for o in ctx.manifest.get("base", []) if o.startswith("train.steps=")]
+    return steps[-1] if steps else max((r.last_step for r in ctx.done), default=0)
+
+
+def _regime_of(ctx: Context) -> dict[str, str]:
+    """setting -> the regime the claims put it in (calm, stressed), when they do."""
+    return {st: c.regime for c in _claims(ctx) if c.regime for st in c.settings}
+
+
+def plot_km(ctx: Context, path: Path) -> Path:
+    """Kaplan-Meier curves of the time to collapse: one panel per setting, one line per method."""
+    plt = _plt()
+    settings, horizon, regime = ctx.runs.settings(), _budget(ctx), _regime_of(ctx)
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings) + 1, 4.2), constrained_layout=True,
+                             squeeze=False)
+    for ax, st in zip(axes[0], settings):
+        for m in ctx.runs.methods(st):
+            d, e = E.survival(list(ctx.runs.by[(st, m)].values()))
+            km = S.kaplan_meier(d, e, horizon)
+            x = np.concatenate([[0.0], km.times, [horizon]])
+            y = np.concatenate([[1.0], km.surv, [km.surv[-1] if km.surv.size else 1.0]])
+            line, = ax.step(x, y, where="post", lw=1.6, label=f"{ctx.label(m)} ({km.events}/{km.n})")
+            cens = [t for t, ev in zip(d, e) if not ev]
+            if cens:  # a censored run: a tick on the curve at its last step
+                at = [y[np.searchsorted(x, t, side="right") - 1] for t in cens]
+                ax.plot(cens, at, ls="", marker="|", ms=9, color=line.get_color())
+        ax.set(xlim=(0, horizon), ylim=(-0.03, 1.03), xlabel="step", ylabel="share of runs not collapsed",
+               title=f"{regime.get(st, '')} {st}".strip())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="method (collapsed/runs)", title_fontsize=7)
+    fig.suptitle("time to collapse, Kaplan-Meier (| : a run that did not collapse, censored at its last step)",
+                 fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _median(km: S.Survival) -> str:
+    if km.n == 0:
+        return "-"
+    if math.isnan(km.median):
+        return f"not reached (S > 0.5 at step {km.horizon:g})"
+    bound = lambda v: "-" if math.isnan(v) else "not reached" if math.isinf(v) else f"{v:.0f}"  # noqa: E731
+    return f"{km.median:.0f} [{bound(km.median_lo)}, {bound(km.median_hi)}]"
+
+
+def _logrank_of(ctx: Context, claim: C.Claim, scope: tuple[str, ...]) -> tuple[float, float, float]:
+    t, c = E.side_runs(ctx.runs, scope, claim.treatment), E.side_runs(ctx.runs, scope, claim.control)
+    (d1, e1), (d2, e2) = E.survival(t), E.survival(c)
+    return S.logrank(d1, e1, d2, e2, _budget(ctx), [r.setting for r in t], [r.setting for r in c])
+
+
+def section_survival(ctx: Context) -> list[str]:
+    """Collapse as time-to-event: Kaplan-Meier curves, medians, and the log-rank beside the exact tests."""
+    horizon = _budget(ctx)
+    fig = plot_km(ctx, ctx.report_dir / "time_to_collapse.png")
+    out = ["## Time to collapse", "",
+           f"Each run's collapse step is a survival time; a run that did not collapse is censored at its last step "
+           f"(it is not 'never': it was stopped at the budget of {horizon} steps). Kaplan-Meier estimates "
+           "(statsmodels `SurvfuncRight`), the median time to collapse with its 95% interval (Brookmeyer-Crowley, "
+           f"complementary log-log), and the restricted mean: the mean number of steps before collapse within "
+           f"the {horizon}-step budget (the area under the curve).", "",
+           f"![time to collapse]({fig.name})", "", f"*Time to collapse per setting and method. {ctx.made_by}*", ""]
+    rows = []
+    for st in ctx.runs.settings():
+        for m in ctx.runs.methods(st):
+            d, e = E.survival(list(ctx.runs.by[(st, m)].values()))
+            km = S.kaplan_meier(d, e, horizon)
+            rows.append([st, ctx.label(m), str(km.n), str(km.events), _median(km), f"{km.rmst:.1f}"])
+    out += [_table(["setting", "method", "runs", "collapsed", "median steps to collapse [95% CI]",
+                    f"restricted mean steps (of {horizon})"], rows), ""]
+    collapse = [c for c in _claims(ctx) if c.metric == "collapse"]
+    if collapse:
+        rows = []
+        for c in collapse:
+            for scope in E.scopes(ctx.runs, c):
+                e, _ = E.claim_effect(ctx.runs, c, scope)
+                chi2, p, z = _logrank_of(ctx, c, scope)
+                rows.append([c.label, c.text, ", ".join(scope), e.detail or "-",
+                             f"{e.p_less:.3g}" if e.n else "-", f"**{C.verdict(c, e)}**",
+                             f"z = {z:+.2f}, p = {p:.3g}" + (" (stratified by setting)" if len(scope) > 1 else ""),
+                             "treatment later" if z > 0 else "treatment earlier" if z < 0 else "-"])
+        out += ["### The collapse claims: the exact test on counts and the log-rank test on times", "",
+                "The exact test counts collapses (one-sided Fisher, the rule fixed before the grids: 'reproduced' "
+                "at p < 0.05); the log-rank test compares the times (two-sided; z > 0: the treatment collapses later "
+                "or less). The log-rank p-values are nominal: a grid read once.", "",
+                _table(["claim", "text", "settings", "collapsed (treatment vs control)", "Fisher p (fewer)",
+                        "verdict (Fisher)", "log-rank", "direction"], rows), ""]
+    return out
+
+
+# ---------------------------------------------------------------------------- aggregates for few runs
+def section_robust(ctx: Context) -> list[str]:
+    """The interquartile mean of final accuracy and the probability of improvement, stratified bootstrap."""
+    regime = _regime_of(ctx)
+    groups: dict[str, list[str]] = {}
+    for st in ctx.runs.settings():
+        groups.setdefault(regime.get(st) or st, []).append(st)
+    methods = list(dict.fromkeys(m for st in ctx.runs.settings() for m in ctx.runs.methods(st)))
+    rows = []
+    for m in methods:
+        cells = []
+        for sts in groups.values():
+            strata = [[r.final_acc for r in ctx.runs.by.get((st, m), {}).values() if r.final_acc is not None]
+                      for st in sts]
+            cells.append(S.iqm(strata).fmt() if any(strata) else "-")
+        rows.append([ctx.label(m)] + cells)
+    out = ["## Aggregates for few runs: interquartile mean and probability of improvement", "",
+           "After Agarwal et al. (NeurIPS 2021): the interquartile mean (IQM: the mean of the middle half of the "
+           "runs) of final accuracy, and the probability of improvement P(treatment > control) + P(tie) / 2 "
+           "(control 0.5: no difference), each with a 95% stratified percentile bootstrap interval (runs resampled "
+           "within each setting; scipy.stats.bootstrap with one sample per setting, since their `rliable` is "
+           "archived and needs arch, seaborn and absl-py for the same computation). Nominal: not adjusted for the "
+           "looks of a sequential plan.", "",
+           _table(["method"] + [f"IQM final accuracy, {g} ({', '.join(sts)})" if g not in sts else f"IQM final accuracy, {g}"
+                                for g, sts in groups.items()], rows), ""]
+    rows = []
+    for c in _claims(ctx):
+        if c.metric != "final_acc":
+            continue
+        for scope in E.scopes(ctx.runs, c):
+            xs, ys = [], []
+            for st in scope:
+                t, _ = E.side_values(ctx.runs, st, c.treatment, E.final)
+                ctl, _ = E.side_values(ctx.runs, c.control_setting or st, c.control, E.final)
+                xs.append(list(t.values()))
+                ys.append(list(ctl.values()))
+            rows.append([c.label, c.text, ", ".join(scope), S.poi(xs, ys).fmt()])
+    if rows:
+        out += ["Probability of improvement on final accuracy, per claim (the control of a claim with two methods: "
+                "their mean per seed):", "",
+                _table(["claim", "text", "settings", "P(treatment > control) [95% CI] (runs)"], rows), ""]
+    return out
+
+
+# ---------------------------------------------------------------------------- the sequential plan
+def section_sequential(ctx: Context) -> list[str]:
+    """The plan (its docstring), its boundaries, each comparison's looks and where it stopped."""
+    from drpo.experiments import sequential as Q
+
+    looks = Q.analyse(ctx.runs)
+    c_z = Q.bounds()
+    rows = [[str(k + 1), str((k + 1) * Q.BLOCK), f"{t:.3f}", f"{c_z[k]:.3f}", f"{2 * norm.sf(c_z[k]):.2g}",
+             f"{Q._t_bound(c_z[k], (k + 1) * Q.BLOCK - 1):.2f}"] for k, t in enumerate(Q.fractions())]
+    out = ["## The sequential plan and where each comparison stopped", "",
+           "The plan, committed before any of its runs (`src/drpo/experiments/sequential.py`):", "", "```",
+           (Q.__doc__ or "").strip(), "```", "",
+           _table(["look", "seeds per method", "information fraction t", "z boundary c_k", "nominal two-sided p",
+                   "t boundary (paired, n - 1 df)"], rows), ""]
+    summary, detail = [], []
+    by = {c.id: c for c in Q.claims()}
+    for cid, ls in looks.items():
+        c = by[cid]
+        last = ls[-1] if ls else None
+        stat = lambda x: (f"z = {x.statistic:+.2f} (bound +-{x.bound:.2f})" if Q.test_of(c) == "log-rank"  # noqa: E731
+                          else f"{x.statistic:+.3f}, RCI [{x.lo:+.3f}, {x.hi:+.3f}]")
+        summary.append([c.label, c.text, Q.test_of(c), str(last.look) if last else "-", str(last.n) if last else "-",
+                        f"**{last.decision}**" if last else "not started", stat(last) if last else "-"])
+        for x in ls:
+            detail.append([c.label, str(x.look), str(x.n), stat(x), x.detail,
+                           "-" if math.isnan(x.power) else f"{x.power:.3f}", x.decision])
+    out += ["Where each comparison stopped (the decision of its last look; 'continue': waiting for the next block):",
+            "", _table(["claim", "text", "test", "stopped at look", "seeds per method", "decision", "statistic"],
+                       summary), "",
+            "Every look:", "", _table(["claim", "look", "seeds per method", "statistic", "detail",
+                                       "conditional power (futility)", "decision"], detail), ""]
+    return out
+
+
 # ---------------------------------------------------------------------------- the report
 def _context(out: Path, report_dir: Path, command: str) -> Context:
     manifest, done, pending = R.load_runs(Path(out))
@@ -440,8 +660,12 @@ def write_report(out: Path, report_dir: Path, command: str, map_dir: Optional[Pa
           f"(left out). Base overrides: `{' '.join(ctx.manifest['base'])}`. Rebuild with `{command}`.", ""]
     if map_ctx is not None:
         md += section_map(map_ctx, [] if is_map else ctx.manifest.get("notes", []))
+    if ctx.manifest.get("kind") == "sequential":
+        md += section_sequential(ctx)
     if ctx.manifest.get("claims"):
         md += section_verdicts(ctx)
+    if not is_map:  # the map's 2 seeds per cell describe; time-to-collapse and aggregates serve verdicts
+        md += section_survival(ctx) + section_robust(ctx)
     md += section_definitions()
     for section in (section_settings, section_curves, section_grad_norm, section_mismatch, section_trust_region,
                     section_ratio_proxy):

@@ -24,7 +24,7 @@ Aggregates for few runs (Agarwal et al., NeurIPS 2021; scipy's bootstrap, not th
     iqm            the interquartile mean (the mean of the middle 50% of runs, scipy's trim_mean 0.25) with a
                    95% stratified percentile bootstrap interval: runs are resampled within each stratum
                    (setting), each stratum a separate sample of scipy.stats.bootstrap
-    poi            the probability of improvement P(X > Y) + P(X = Y) / 2 (Mann-Whitney U / (n m)), averaged
+    poi            the probability of improvement P(X > Y) + P(X = Y) / 2 (Mann-Whitney's U / (n m)), averaged
                    over strata, with the same stratified bootstrap (X's and Y's runs resampled independently)
 """
 from __future__ import annotations
@@ -182,15 +182,15 @@ BOOTSTRAP_RESAMPLES = 4000
 BOOTSTRAP_SEED = 0  # the report's intervals are reproducible
 
 
-def _bootstrap(samples: Sequence[np.ndarray], statistic) -> tuple[float, float]:
+def _bootstrap(samples: Sequence[np.ndarray], statistic, vectorized: bool = False) -> tuple[float, float]:
     """95% percentile interval of ``statistic(*samples)``, each sample resampled on its own."""
     if any(len(x) < 2 for x in samples):
         return float("nan"), float("nan")
     if all(np.ptp(x) == 0 for x in samples):  # nothing varies: every resample gives the estimate
-        v = float(statistic(*samples))
+        v = float(statistic(*samples, axis=-1) if vectorized else statistic(*samples))
         return v, v
     res = stats.bootstrap(tuple(samples), statistic, n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
-                          vectorized=False, random_state=np.random.default_rng(BOOTSTRAP_SEED))
+                          vectorized=vectorized, random_state=np.random.default_rng(BOOTSTRAP_SEED))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -199,7 +199,7 @@ def bounded_mean_ci(values: Iterable[Optional[float]]) -> Estimate:
     v = _finite(values)
     if v.size == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0)
-    lo, hi = _bootstrap([v], np.mean)
+    lo, hi = _bootstrap([v], np.mean, vectorized=True)
     return Estimate(float(v.mean()), lo, hi, int(v.size))
 
 
@@ -210,10 +210,10 @@ def iqm(strata: Sequence[Sequence[float]]) -> Estimate:
     if not xs:
         return Estimate(float("nan"), float("nan"), float("nan"), 0)
 
-    def statistic(*samples):
-        return stats.trim_mean(np.concatenate(samples), 0.25)
+    def statistic(*samples, axis=-1):
+        return stats.trim_mean(np.concatenate(samples, axis=-1), 0.25, axis=-1)
 
-    lo, hi = _bootstrap(xs, statistic)
+    lo, hi = _bootstrap(xs, statistic, vectorized=True)
     return Estimate(float(statistic(*xs)), lo, hi, int(sum(len(x) for x in xs)))
 
 
@@ -226,13 +226,16 @@ def poi(x_strata: Sequence[Sequence[float]], y_strata: Sequence[Sequence[float]]
         return Estimate(float("nan"), float("nan"), float("nan"), 0)
     k = len(pairs)
 
-    def statistic(*samples):
-        return float(np.mean([stats.mannwhitneyu(samples[i], samples[k + i]).statistic
-                              / (len(samples[i]) * len(samples[k + i])) for i in range(k)]))
+    def statistic(*samples, axis=-1):  # U / (n m) per stratum (ties count one half), averaged over strata
+        per = []
+        for x, y in zip(samples[:k], samples[k:]):
+            diff = x[..., :, None] - y[..., None, :]
+            per.append(np.mean((diff > 0) + 0.5 * (diff == 0), axis=(-2, -1)))
+        return np.mean(per, axis=0)
 
     samples = [x for x, _ in pairs] + [y for _, y in pairs]
-    lo, hi = _bootstrap(samples, statistic)
-    return Estimate(statistic(*samples), lo, hi, int(sum(len(x) + len(y) for x, y in pairs)))
+    lo, hi = _bootstrap(samples, statistic, vectorized=True)
+    return Estimate(float(statistic(*samples)), lo, hi, int(sum(len(x) + len(y) for x, y in pairs)))
 
 
 @dataclass
@@ -275,17 +278,20 @@ def kaplan_meier(durations: Sequence[float], events: Sequence[bool], horizon: fl
 
 
 def logrank(d1: Sequence[float], e1: Sequence[bool], d2: Sequence[float], e2: Sequence[bool],
-            horizon: float) -> tuple[float, float, float]:
-    """(chi^2, p, z) of the log-rank test of group 1 against group 2; z > 0 when group 1 survives longer
-    (its restricted mean up to ``horizon`` is larger). No information (no event, or every run of both groups
-    at risk failing at one time: the statistic's variance is 0): (0, 1, 0)."""
+            horizon: float, strata1: Optional[Sequence] = None, strata2: Optional[Sequence] = None
+            ) -> tuple[float, float, float]:
+    """(chi^2, p, z) of the log-rank test of group 1 against group 2 (stratified when ``strata1``/``strata2``
+    label each run's stratum: the settings a regime pools); z > 0 when group 1 survives longer (its restricted
+    mean up to ``horizon`` is larger). No information (no event, or every run at risk failing at one time:
+    the statistic's variance is 0): (0, 1, 0)."""
     from statsmodels.duration.survfunc import survdiff
 
     if not (len(d1) and len(d2)) or sum(e1) + sum(e2) == 0:
         return 0.0, 1.0, 0.0
+    strata = None if strata1 is None else np.asarray(list(strata1) + list(strata2))
     try:
         chisq, p = survdiff(np.concatenate([d1, d2]).astype(float), np.concatenate([e1, e2]).astype(float),
-                            np.array([1] * len(d1) + [2] * len(d2)))
+                            np.array([1] * len(d1) + [2] * len(d2)), strata=strata)
     except np.linalg.LinAlgError:
         return 0.0, 1.0, 0.0
     sign = np.sign(kaplan_meier(d1, e1, horizon).rmst - kaplan_meier(d2, e2, horizon).rmst)
