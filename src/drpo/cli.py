@@ -54,7 +54,8 @@ def _stop_errors() -> tuple[type[BaseException], ...]:
 def train(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file"),
-    model: Optional[str] = typer.Option(None, "--model", help="'builtin', 'builtin-moe', a local folder, or a hub id"),
+    model: Optional[str] = typer.Option(None, "--model", help="a named model (builtin, builtin-moe, smollm2-135m, "
+                                                          "smollm2-135m-arith), a local folder, or a hub id"),
     out: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<objective>-<time>)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
     overrides: Optional[List[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. train.lr=1e-4"),
@@ -114,34 +115,50 @@ def train(
 
 @app.command()
 def warmstart(
-    model: str = typer.Option("builtin", "--model", help="the built-in model to make: builtin or builtin-moe"),
-    out: Optional[Path] = typer.Option(None, "--out", help="folder to write (default runs/warmstart-<model>)"),
+    model: str = typer.Option("builtin", "--model",
+                              help="the model to make: builtin, builtin-moe, or smollm2-135m-arith (cached)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder to write (default runs/warmstart-<model>; "
+                                                           "smollm2-135m-arith: its cache folder)"),
     seed: int = typer.Option(0, "--seed", help="the seed of the initialisation and the demonstrations"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop after this many steps at most"),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="learning rate (default: the model's recipe)"),
+    demo_accuracy: Optional[float] = typer.Option(None, "--demo-accuracy", min=0.0, max=1.0,
+                                                  help="share of demonstrations that box the right result"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                           help="torch threads (default torch's; the result depends on it)"),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="do nothing when --out holds a warm start"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Make a built-in model again: the supervised warm start its shipped weights came from."""
+    """Make a warm-started model: a built-in one again (the supervised warm start its shipped weights came
+    from), or SmolLM2-135M-Instruct's start on the arithmetic task (written into the cache)."""
     from dataclasses import replace
 
-    from drpo.builtin.warmstart import WarmStartHParams, warm_start
-    from drpo.models.loading import BUILTIN_MODELS
+    from drpo.builtin.warmstart import REAL_HPARAMS, WarmStartHParams, warm_start
+    from drpo.models import BUILTIN_MODELS, WARM_STARTED_MODELS, ModelLoadError, warm_started_dir
 
-    if model not in BUILTIN_MODELS:
-        _fail(f"--model {model!r}: the built-in models are {', '.join(BUILTIN_MODELS)}")
-    out = out or Path(f"runs/warmstart-{model}")
+    if model not in (*BUILTIN_MODELS, *WARM_STARTED_MODELS):
+        _fail(f"--model {model!r}: the warm-started models are {', '.join((*BUILTIN_MODELS, *WARM_STARTED_MODELS))}")
+    init = WARM_STARTED_MODELS.get(model)  # the pretrained model it starts from (None: a random tiny one)
+    out = out or (warm_started_dir(model) if init else Path(f"runs/warmstart-{model}"))
     if out.exists() and not out.is_dir():
         _fail(f"--out {out} is a file; give a folder")
+    if skip_existing and (out / "warmstart.json").is_file():
+        typer.echo(f"{out}: already made (warmstart.json); nothing to do")
+        return
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    hp = WarmStartHParams() if max_steps is None else replace(WarmStartHParams(), max_steps=max_steps)
-    command = (f"drpo warmstart --model {model} --seed {seed}" + (f" --max-steps {max_steps}" if max_steps else "")
+    given = {"max_steps": max_steps, "lr": lr, "demo_accuracy": demo_accuracy}
+    hp = replace(REAL_HPARAMS if init else WarmStartHParams(), **{k: v for k, v in given.items() if v is not None})
+    command = (f"drpo warmstart --model {model} --seed {seed}"
+               + "".join(f" --{k.replace('_', '-')} {v}" for k, v in given.items() if v is not None)
                + f" --threads {torch.get_num_threads()}")
-    path = warm_start(out, arch="moe" if model == "builtin-moe" else "dense", seed=seed, hparams=hp,
-                      progress=progress, command=command)
+    try:
+        path = warm_start(out, arch="moe" if model == "builtin-moe" else "dense", init=init, seed=seed, hparams=hp,
+                          progress=progress, command=command)
+    except ModelLoadError as e:
+        _fail(f"error: {e}")
     record = json.loads((path / "warmstart.json").read_text())
     typer.echo(f"{path}: {record['steps']} steps, held-out sampled accuracy {record['heldout_sampled_accuracy']:.3f} "
                f"({'in' if record['in_band'] else 'NOT in'} the band), {record['wall_time_s']:.0f} s")
@@ -149,7 +166,8 @@ def warmstart(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option("builtin", "--model", help="'builtin', a folder (e.g. a checkpoint), or a hub id"),
+    model: str = typer.Option("builtin", "--model", help="a named model (builtin, smollm2-135m, ...), a folder "
+                                                         "(e.g. a checkpoint), or a hub id"),
     benchmark: str = typer.Option("builtin", "--benchmark", "-b",
                                   help="builtin, aime24, aime25, amc23, math500, gsm8k, or a .jsonl path"),
     k: int = typer.Option(4, "--k", min=1, help="samples per problem (avg@k, pass@k)"),

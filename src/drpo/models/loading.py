@@ -1,9 +1,17 @@
-"""Loading the policy: a built-in tiny model, a local folder, or a hub id.
+"""Loading the policy: a named model, a local folder, or a hub id.
 
-``builtin`` (dense Qwen3) and ``builtin-moe`` (Qwen3-MoE) are warm-started models shipped with the
-package (``drpo/data/models/<name>``, written with ``save_pretrained``; ``warmstart.json`` in each says
-how it was made and ``drpo warmstart`` makes it again); from there the code path is the one a hub id or
-any local checkpoint takes: ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained``.
+Named models:
+
+    builtin, builtin-moe  tiny warm-started Qwen3 / Qwen3-MoE shipped with the package
+                          (``drpo/data/models/<name>``; ``warmstart.json`` in each says how it was made and
+                          ``drpo warmstart`` makes it again)
+    smollm2-135m          SmolLM2-135M-Instruct, from a GGUF file in a PyPI package, converted on first use
+                          into the cache (:mod:`drpo.models.packaged`)
+    smollm2-135m-arith    smollm2-135m after the supervised warm start on the arithmetic task, made on
+                          this machine by ``drpo warmstart --model smollm2-135m-arith`` and cached
+
+Each resolves to a ``save_pretrained`` folder; from there the code path is the one a hub id or any local
+checkpoint takes: ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained``.
 
 Mistakes get one clear line (:class:`ModelLoadError`): a folder that does not exist, a folder that
 is not a ``save_pretrained`` folder, a hub id when the hub cannot be reached (said at once, instead
@@ -31,14 +39,12 @@ try:
 except ImportError:  # pragma: no cover -- older huggingface_hub
     StrictDataclassError = ValueError  # type: ignore[misc,assignment]
 
+from drpo.models.errors import ModelLoadError
 from drpo.models.moe import use_library_experts_
+from drpo.models.packaged import PACKAGED_MODELS, WARM_STARTED_MODELS, packaged_model_dir, warm_started_model_dir
 
 BUILTIN_MODELS = ("builtin", "builtin-moe")
 HUB_HOST = ("huggingface.co", 443)
-
-
-class ModelLoadError(ValueError):
-    """The model named in the config cannot be loaded; the message says why and what to do."""
 
 
 def builtin_dir(name: str) -> Path:
@@ -47,7 +53,13 @@ def builtin_dir(name: str) -> Path:
 
 
 def resolve_model(model: str) -> str:
-    """The folder of ``model``: a built-in model's shipped folder, else ``model`` itself."""
+    """The folder of ``model``: a built-in model's shipped folder, a packaged model's converted folder
+    (:mod:`drpo.models.packaged`, converted on first use), a warm-started one's cached folder, else
+    ``model`` itself."""
+    if model in PACKAGED_MODELS:
+        return str(packaged_model_dir(model))
+    if model in WARM_STARTED_MODELS:
+        return str(warm_started_model_dir(model))
     if model in BUILTIN_MODELS:
         path = builtin_dir(model)
         if not (path / "model.safetensors").is_file():
@@ -75,7 +87,7 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 
 def check_model_source(model: str) -> None:
     """Fail fast, in one line, when ``model`` can obviously not be loaded."""
-    if model in BUILTIN_MODELS:
+    if model in BUILTIN_MODELS or model in PACKAGED_MODELS or model in WARM_STARTED_MODELS:
         return
     p = Path(model).expanduser()
     if p.is_dir():
