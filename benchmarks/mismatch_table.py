@@ -46,10 +46,26 @@ def prompts_for(task: str, n: int, codec: TextCodec) -> list[list[int]]:
     return [codec.encode_example(e) for e in examples]
 
 
+def fp32_head_(engine: HFRolloutEngine, model) -> None:
+    """The engine's LM head computed in float32 from the trainer's float32 weight (untied from the engine's
+    rounded embedding), the rest as the engine's precision has it: MiniMax-M1's fix (arXiv 2506.13585, 3.2)."""
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+    head.weight = torch.nn.Parameter(model.get_output_embeddings().weight.detach().clone(), requires_grad=False)
+    engine.model.set_output_embeddings(head)
+
+
 def make_engine(spec: str, model, eos_id: int, pad_id: int, threads: int):
+    """``hf:<precision>`` or ``vllm:<precision>``; ``hf:<precision>+fp32head``: the HF engine with its LM head
+    in float32 (:func:`fp32_head_`), to see how much of the mismatch the head's rounding makes."""
     kind, precision = spec.split(":")
     if kind == "hf":
-        return HFRolloutEngine(model, precision=precision, eos_id=eos_id, pad_id=pad_id)
+        precision, _, variant = precision.partition("+")
+        engine = HFRolloutEngine(model, precision=precision, eos_id=eos_id, pad_id=pad_id)
+        if variant == "fp32head":
+            fp32_head_(engine, model)
+        elif variant:
+            raise ValueError(f"unknown engine variant {variant!r} in {spec!r}")
+        return engine
     from drpo.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(model, precision=precision, eos_id=eos_id, pad_id=pad_id, threads=threads)
