@@ -129,3 +129,28 @@ def test_policy_loss_refuses_nonsense_masks_and_string_parameters():
         drpo.policy_loss("drpo", lp, blp, adv, torch.ones(2, 3), adv_weighting="no")
     loss, _ = drpo.policy_loss("drpo", lp, blp, adv, torch.ones(2, 3), delta=12)  # an int is a float
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "compare"])
+def test_a_bug_keeps_its_traceback_and_only_a_user_error_is_one_line(tmp_path, monkeypatch, command):
+    """The CLI turns UserError, and nothing else, into one line and exit 2: a ValueError or FileNotFoundError raised
+    by a bug (here, in the trainer's set-up, the evaluation, the comparison) escapes with its traceback."""
+    import drpo.evaluation.run as eval_run
+    import drpo.experiments.compare as compare_mod
+    from drpo.training.trainer import Trainer
+    from drpo.utils.errors import UserError
+
+    args, where = {"train": (["train", "--out", str(tmp_path / "r")], (Trainer, "_set_up")),
+                   "eval": (["eval", "--limit", "1"], (eval_run, "run_eval")),
+                   "compare": (["compare", "--out", str(tmp_path / "g"), "--report-only"],
+                               (compare_mod, "run_compare"))}[command]
+    for error in (ValueError("a bug"), FileNotFoundError("a bug"), UserError("you typed it wrong")):
+        def raises(*a, **k):
+            raise error
+
+        monkeypatch.setattr(*where, raises)
+        res = CliRunner().invoke(app, args)
+        if isinstance(error, UserError):
+            assert_one_line(res, 2, "you typed it wrong")
+        else:
+            assert res.exit_code == 1 and res.exception is error, (res.exit_code, res.output)  # escaped: a traceback

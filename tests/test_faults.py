@@ -146,15 +146,18 @@ def test_a_collapsed_policy_is_said_and_can_stop_the_run(tmp_path):
 
 
 def test_a_full_disk_is_one_line_and_the_status_says_error(tiny_model_dir, tmp_path, monkeypatch):
-    real = run_io.save_checkpoint
+    from drpo.training import checkpoint
 
-    def full(run_dir, step, *a, **k):
+    real = checkpoint.save_checkpoint
+
+    def full(run_dir, *a, **k):
+        step = a[4].step  # the CheckpointState
         if step >= 4:
             raise run_io.DiskFull(f"disk full: could not write checkpoint step_{step} in {run_dir}/checkpoints",
                                   run_dir, free=0)
-        return real(run_dir, step, *a, **k)
+        return real(run_dir, *a, **k)
 
-    monkeypatch.setattr(run_io, "save_checkpoint", full)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full)
     out = tmp_path / "r"
     res = CliRunner().invoke(app, ["train", *small_run(tiny_model_dir, out, "train.steps=6")])
     assert_one_line(res, 1, "disk full: could not write checkpoint step_4")
