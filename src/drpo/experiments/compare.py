@@ -34,6 +34,7 @@ from drpo.experiments.grids import SETTINGS, Grid, Run, build_grid, describe
 from drpo.experiments.results import ended
 from drpo.training import run_io
 from drpo.training.config import RunConfig, load_config
+from drpo.utils.errors import InputError
 
 MANIFEST = "grid.json"
 
@@ -59,7 +60,7 @@ def plan(run: Run, out: Path) -> str:
     on_disk = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text())).model_dump(mode="json")
     wanted = run_config(run, out).model_dump(mode="json")
     if {k: v for k, v in on_disk.items() if k != "out"} != {k: v for k, v in wanted.items() if k != "out"}:
-        raise ValueError(f"{run_dir} holds a run with another configuration than this grid's; "
+        raise InputError(f"{run_dir} holds a run with another configuration than this grid's; "
                          f"use another --out (or delete that run) to run the grid as now defined")
     if ended(run_io.read_status(run_dir)):
         return "skip"
@@ -186,7 +187,7 @@ def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] =
                + " --report-only" + (f" --report {report}" if report is not None else ""))
     if report_only:
         if not any((out / r.slug / "status.json").exists() for r in g.runs):
-            raise ValueError(f"--report-only: no run of grid {g.name!r} under {out}; run the grid first")
+            raise InputError(f"--report-only: no run of grid {g.name!r} under {out}; run the grid first")
         try:
             with _held(out):
                 write_manifest(out, g)
@@ -201,7 +202,7 @@ def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] =
 
         if importlib.util.find_spec("vllm") is None:
             vllm_blocks = [b.name for b in g.blocks if any(SETTINGS[s].needs_vllm for s in b.settings)]
-            raise ValueError(f"grid {g.name!r} has vLLM settings (blocks {vllm_blocks}) and vLLM is not installed "
+            raise InputError(f"grid {g.name!r} has vLLM settings (blocks {vllm_blocks}) and vLLM is not installed "
                              "here: run it with .venv-vllm/bin/drpo (make setup-vllm), or keep the other blocks "
                              "with --blocks")
     if map_dir is not None:

@@ -68,8 +68,8 @@ class RunConfig(StrictConfig):
     model: str = "builtin"
     out: Optional[str] = None  # default: runs/<objective>-<date-time>
     device: str = "cpu"
-    # torch threads per process (None: torch's default; with rollout.staleness >= 1, half the cores
-    # each for the trainer and the rollout worker)
+    # torch threads per process (None: the cores that are free at start, split between the trainer and the
+    # rollout worker when rollout.staleness >= 1; a resumed run keeps its count: drpo.training.threads)
     threads: Optional[int] = Field(None, ge=1)
     save_every: int = Field(50, ge=0)
     tensorboard: bool = True
