@@ -68,10 +68,13 @@ class WarmStartHParams:
     demo_accuracy: float = 0.35
 
 
-# SmolLM2-135M-Instruct: a pretrained model fine-tunes at a small learning rate, and its steps cost
-# about 100x the tiny model's, hence smaller batches and evaluations (the stopping rule is the same)
-REAL_HPARAMS = WarmStartHParams(batch_size=16, lr=3e-5, warmup_steps=10, max_steps=400, eval_every=10, n_eval=64,
-                                n_final_eval=256)
+# SmolLM2-135M-Instruct: its steps cost about 100x the tiny model's, hence smaller batches and evaluations (the
+# stopping rule is the same). Its demonstrations are all right (demo_accuracy 1): the pretrained model's own
+# sums are often wrong, so it needs no shortcut to hold a wrong behaviour beside the right one. Measured
+# (docs/real-model.md): lr 3e-5 with the built-in recipe's 0.35 stayed at 0.00-0.08 for 50 steps; lr 1e-4 with
+# 1.0 reached 0.17 at step 10 (kept: in the band) and 0.42 at step 20 (past it: stopped)
+REAL_HPARAMS = WarmStartHParams(batch_size=16, lr=1e-4, warmup_steps=10, max_steps=400, eval_every=10, n_eval=64,
+                                n_final_eval=256, demo_accuracy=1.0)
 
 
 def boxed_answer(text: str) -> str | None:
