@@ -49,6 +49,9 @@ class TrainConfig(StrictConfig):
     # None keeps the verifier's reward for it
     overlong_reward: Optional[float] = None
     chunk_size: int = Field(1024, ge=1)
+    # the rows of one prompt share its forward pass (drpo.training.logprobs): the same numbers up to rounding, the
+    # prompt's cost paid once per group instead of once per sample; dense models (an MoE runs plainly)
+    share_prompts: bool = True
     # MoE models: the trainer's forward uses the experts the rollout engine chose (routing replay)
     routing_replay: bool = False
     # stop a run that collapsed beyond recovery (drpo.training.collapse), status 'collapsed'

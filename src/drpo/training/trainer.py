@@ -172,7 +172,8 @@ class Trainer:
             out = response_logprobs(self.model, mb.prompt_ids.to(d), mb.prompt_mask.to(d), mb.response_ids.to(d),
                                     mb.response_mask.to(d), temperature=self.cfg.rollout.temperature,
                                     chunk_size=self.cfg.train.chunk_size, with_entropy=with_entropy,
-                                    topk_ids=mb.topk_ids.to(d) if mb.topk_ids is not None else None)
+                                    topk_ids=mb.topk_ids.to(d) if mb.topk_ids is not None else None,
+                                    prompt_index=mb.prompt_index.to(d) if self.cfg.train.share_prompts else None)
         if routing is not None:
             routing.add(stats)
         return tuple(None if x is None else full.pad_responses(x) for x in out)
