@@ -69,6 +69,8 @@ def test_by_length_orders_rows_by_prompt_length_prompt_and_response_length_stabl
     b = _batch([4] * 6, [1, 5, 3, 2, 6, 4], P=4, R=6)
     b.prompt_index = torch.tensor([0, 0, 0, 1, 1, 1])
     assert b.by_length(torch.arange(6)).tolist() == [0, 2, 1, 3, 5, 4]
+    # without by_prompt (train.share_prompts=false): lengths only, the order the trainer used before sharing
+    assert b.by_length(torch.arange(6), by_prompt=False).tolist() == [0, 3, 2, 5, 1, 4]
 
 
 @pytest.mark.slow  # a Trainer's set-up starts a process

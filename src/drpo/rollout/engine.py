@@ -89,11 +89,14 @@ class RolloutBatch:
         on the columns compact dropped)."""
         return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, self.response_ids.shape[1] - x.shape[1]))
 
-    def by_length(self, rows: torch.Tensor) -> torch.Tensor:
+    def by_length(self, rows: torch.Tensor, by_prompt: bool = True) -> torch.Tensor:
         """``rows`` ordered by (prompt length, prompt, response length): consecutive rows pad little, and the rows
-        of one prompt are adjacent, so that a micro-batch can run each prompt once (drpo.training.logprobs)."""
-        R, n = self.response_mask.shape[1] + 1, int(self.prompt_index.max()) + 1 if len(self) else 1
-        key = (self.prompt_mask[rows].sum(-1) * n + self.prompt_index[rows]) * R + self.response_mask[rows].sum(-1)
+        of one prompt are adjacent, so that a micro-batch can run each prompt once (drpo.training.logprobs). With
+        ``by_prompt=False``: by (prompt length, response length) only."""
+        R = self.response_mask.shape[1] + 1
+        n = int(self.prompt_index.max()) + 1 if by_prompt and len(self) else 1
+        prompt = self.prompt_index[rows] if by_prompt else 0
+        key = (self.prompt_mask[rows].sum(-1) * n + prompt) * R + self.response_mask[rows].sum(-1)
         return rows[torch.sort(key, stable=True).indices]
 
     def select(self, idx: torch.Tensor) -> "RolloutBatch":

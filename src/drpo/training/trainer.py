@@ -202,7 +202,7 @@ class Trainer:
         for _ in range(t.epochs):
             perm = rows[torch.randperm(rows.numel(), generator=gen)]
             for mb_rows in perm.chunk(t.minibatches):
-                mb_rows = batch.by_length(mb_rows)  # micro-batches of similar lengths: little padding
+                mb_rows = batch.by_length(mb_rows, by_prompt=t.share_prompts)  # similar lengths: little padding
                 mask_mb = batch.response_mask[mb_rows]
                 counts = {"global_token_count": float(mask_mb.sum()),
                           "global_seq_count": float((mask_mb.sum(-1) > 0).sum())}
