@@ -1,4 +1,4 @@
-"""The package's layers import only downward (README, "Layout"): a test that reads every module's imports."""
+"""The package's layers import only downward (docs/contributing.md, "Layout"): a test that reads every module's imports."""
 from __future__ import annotations
 
 import ast
@@ -8,11 +8,11 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "drpo"
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "contributing.md"
 
 
 def layer_table(text: str) -> dict[str, set[str]]:
-    """The README's layer table (between ``<!-- layers`` and ``<!-- /layers -->``): layer -> the layers it
+    """The layer table of docs/contributing.md (between ``<!-- layers`` and ``<!-- /layers -->``): layer -> the layers it
     may import ('-': none, 'every layer': all the others)."""
     block = text.split("<!-- layers")[1].split("<!-- /layers -->")[0]
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines()
