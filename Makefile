@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 VLLM_VENV ?= .venv-vllm
 VLLM_PIP  := $(VLLM_VENV)/bin/python -m pip
 
-.PHONY: run test test-fast setup setup-all setup-vllm geometry compare bench clean
+.PHONY: run test test-fast setup setup-all setup-vllm geometry compare bench docs clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.all: $(VENV)/.base
-	$(PIP) install -q -e '.[dev,verl,trl]'
+	$(PIP) install -q -e '.[dev,verl,trl,docs]'
+	touch $@
+
+$(VENV)/.docs: $(VENV)/.base
+	$(PIP) install -q -e '.[docs]'
 	touch $@
 
 $(VLLM_VENV)/.vllm: pyproject.toml
@@ -46,6 +50,7 @@ run: setup
 test-fast: setup-all
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
+# tests/test_docs.py builds the documentation site strictly and runs every snippet of the README and docs/
 test: setup-all setup-vllm
 	$(VENV)/bin/python -m pytest -q
 	# The real vLLM engine, in its own venv; DRPO_REQUIRE_VLLM=1 makes a missing vllm a failure, not a skip.
@@ -65,5 +70,10 @@ bench: setup-all
 	$(PY) benchmarks/logprob_bench.py
 	$(PY) benchmarks/objectives_bench.py
 
+# the documentation site, into site/; strict: a broken link or reference, or any warning, is an error.
+# NO_MKDOCS_2_WARNING: the theme's end-of-life notice (docs/contributing.md, "Documentation")
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs site
