@@ -179,8 +179,8 @@ def cut(cmd: str) -> str:
         return code + " --limit 2 --k 1"
     if prog == "drpo" and sub == "compare":
         return code + " --estimate 1"
-    if prog == "python" and sub.endswith(".py"):
-        return code + " --help"
+    if prog == "python" and sub.endswith(".py") and "argparse" in (ROOT / sub).read_text(encoding="utf-8"):
+        return code + " --help"  # a script without argparse (benchmarks/step_profile.py) runs as written
     return code
 
 
@@ -228,7 +228,7 @@ def test_cut_commands():
     assert cut(".venv-vllm/bin/drpo train rollout.engine=vllm").startswith(".venv-vllm/bin/drpo train rollout.engine=vllm train.steps=1")
     assert cut("make compare") == "make -n compare"
     assert cut("drpo compare --quick --out runs/q") == "drpo compare --quick --out runs/q --estimate 1"
-    assert cut("python benchmarks/x.py --threads 2") == "python benchmarks/x.py --threads 2 --help"
+    assert cut("python benchmarks/e2e_vs_trl.py --threads 2") == "python benchmarks/e2e_vs_trl.py --threads 2 --help"
     assert cut("DRY_RUN=1 bash examples/verl/run.sh") == "DRY_RUN=1 bash examples/verl/run.sh"
     assert commands("cat > f <<'EOF'\na: 1\nEOF\ndrpo x \\\n  --y\n# note\n") == ["cat > f <<'EOF'\na: 1\nEOF", "drpo x    --y"]
 
@@ -237,14 +237,15 @@ def test_cut_commands():
 
 def build(root: Path, site: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", str(root / "mkdocs.yml"),
+    # not --quiet: it hides the warnings from the counter that makes --strict fail (mkdocs 1.6)
+    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(root / "mkdocs.yml"),
                            "-d", str(site)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_site_builds_strict(tmp_path):
     res = build(ROOT, tmp_path / "site")
-    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.returncode == 0 and "WARNING" not in res.stderr, res.stdout + res.stderr
     api = (tmp_path / "site" / "api" / "drpo" / "index.html").read_text(encoding="utf-8")
     assert "global_token_count" in api and "rollout_correction" in api  # generated from policy_loss's signature
     bench = (tmp_path / "site" / "benchmarks" / "index.html").read_text(encoding="utf-8")
