@@ -194,7 +194,7 @@ def workdir(tmp: Path, root: Path = ROOT) -> Path:
 def run_shell(page_blocks: list[Block], tmp: Path, root: Path = ROOT) -> list[str]:
     """Run the blocks' commands (cut) in ``tmp``; fail on the first that exits non-zero. Returns the commands
     skipped because .venv-vllm is not there."""
-    env = {**os.environ, "PYTHONPATH": str(root / "src"), "DRPO_KEEP_FREED_MEMORY": "0",
+    env = {**os.environ, "PYTHONPATH": str(root / "src"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     skipped = []
     for b in page_blocks:
