@@ -126,6 +126,7 @@ def run_python(page_blocks: list[Block]) -> None:
     finally:
         registry._REGISTRY.clear()
         registry._REGISTRY.update(saved)
+        scope.clear()  # its functions refer back to it: free the snippets' tensors now, not at some later gc
 
 
 # pages whose python snippets start a process (drpo.verify's worker): slow, like every test that does
