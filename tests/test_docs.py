@@ -118,14 +118,14 @@ def run_python(page_blocks: list[Block]) -> None:
     """Execute a page's python blocks in order, in one namespace; objectives they register are removed after."""
     from drpo.objectives import registry
 
-    saved = dict(registry._REGISTRY)
+    saved = set(registry.OBJECTIVES)
     scope: dict = {"__name__": "__docs__"}
     try:
         for b in page_blocks:
             exec(compile(b.code, f"{b.page}:{b.line}", "exec"), scope)
     finally:
-        registry._REGISTRY.clear()
-        registry._REGISTRY.update(saved)
+        for name in set(registry.OBJECTIVES) - saved:
+            registry.OBJECTIVES.pop(name)
         scope.clear()  # its functions refer back to it: free the snippets' tensors now, not at some later gc
 
 
