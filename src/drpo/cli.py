@@ -57,10 +57,11 @@ def train(
         items.append(f"out={out}")
     if resume and out is None:
         _fail("--resume needs --out (the run directory to continue)")
-    if resume and config is None and (Path(out) / "config.yaml").is_file():
+    saved_run = resume and config is None and (Path(out) / "config.yaml").is_file()
+    if saved_run:
         config = Path(out) / "config.yaml"  # resume what was run; overrides may change only safe keys
     try:
-        cfg = load_config(config, items)
+        cfg = load_config(config, items, saved_run=saved_run)
     except UserError as e:
         _fail(str(e))
     if cfg.out is None:

@@ -36,7 +36,9 @@ def schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 def make_optimizer(params, t: TrainConfig):
-    """AdamW and its LambdaLR schedule over the run's ``steps x minibatches x epochs`` optimiser steps."""
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    """AdamW (its fused kernel with ``train.fused_optimizer``) and its LambdaLR schedule over the run's
+    ``steps x minibatches x epochs`` optimiser steps."""
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
+                                  fused=t.fused_optimizer or None)
     total = max(t.steps * t.minibatches * t.epochs, 1)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(t.schedule, t.warmup_steps, total))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drpo.training.config import with_legacy_defaults
 from drpo.training.optim import OVER_THE_RUN
 from drpo.utils.errors import UserError
 
@@ -32,7 +33,8 @@ def check_resume_config(saved: dict[str, Any], wanted: dict[str, Any], resumed_s
     """Refuse (:class:`ResumeRefused`, one line) to resume with a configuration that differs from the saved one,
     except for :data:`RESUME_SAFE_KEYS`; ``train.steps`` may only grow, never below the resumed step, and not at all
     when the schedule is laid out over it."""
-    a, b = _flatten(saved), _flatten(wanted)
+    # a configuration without a key added later computes as its legacy value (a run made before the key existed)
+    a, b = _flatten(with_legacy_defaults(saved)), _flatten(with_legacy_defaults(wanted))
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
                      and not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE_KEYS))
     if changed:
