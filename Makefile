@@ -20,7 +20,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.all: $(VENV)/.base
-	$(PIP) install -q -e '.[dev,verl,trl]'
+	$(PIP) install -q -e '.[dev,verl,trl,ray]'
 	touch $@
 
 $(VLLM_VENV)/.vllm: pyproject.toml
