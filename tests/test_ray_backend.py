@@ -84,6 +84,16 @@ def test_a_runs_resource_request():
     assert backends.resources(cuda) == {"num_cpus": 1, "num_gpus": 1}
 
 
+def test_a_request_no_node_can_hold_is_seen():
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 0.0}},
+             {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]  # a dead node counts for nothing
+    assert not backends.unplaceable({"num_cpus": 8, "num_gpus": 0}, nodes)
+    assert not backends.unplaceable({"num_cpus": 2, "num_gpus": 1}, nodes)
+    assert backends.unplaceable({"num_cpus": 4, "num_gpus": 1}, nodes)  # 4 CPUs on one node, 1 GPU on another
+    assert backends.unplaceable({"num_cpus": 16, "num_gpus": 0}, nodes)
+
+
 def test_ray_is_imported_inside_the_ray_backend_only():
     """``import drpo`` and the local pool never import Ray (the CLI stays fast; Ray is an extra)."""
     for path in SRC.rglob("*.py"):

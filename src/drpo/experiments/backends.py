@@ -29,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import math
 import signal
+import sys
 import time
 from multiprocessing import get_context
 from multiprocessing.connection import wait
@@ -86,6 +87,14 @@ def resources(cfg: RunConfig) -> dict[str, float]:
     processes = 2 if cfg.rollout.staleness else 1
     return {"num_cpus": (cfg.threads or 1) * processes,
             "num_gpus": 1 if cfg.device.startswith("cuda") else 0}
+
+
+def unplaceable(request: dict[str, float], nodes: list[dict]) -> bool:
+    """Whether no live node (``ray.nodes()``) has the resources of ``request`` (:func:`resources`): Ray keeps
+    such a task queued until a node that has them joins (an autoscaling cluster may add one)."""
+    need = {"CPU": request["num_cpus"], "GPU": request["num_gpus"]}
+    return not any(all(n.get("Resources", {}).get(k, 0) >= v for k, v in need.items() if v)
+                   for n in nodes if n.get("Alive"))
 
 
 # ---------------------------------------------------------------------------- local
@@ -227,13 +236,20 @@ class RayPool:
             signal.signal(signal.SIGTERM, previous)
         self._task = ray.remote(max_calls=1)(run_task)
         self._refs: dict[Any, tuple[str, Path]] = {}  # ObjectRef -> (slug, grid folder)
+        self._nodes = ray.nodes()
+        self._warned: set[tuple] = set()
 
     def start(self, run: Run, out: Path, action: str) -> None:
         from drpo.experiments.compare import run_config
 
         out = Path(out).resolve()  # the workers' working folder is not the driver's
-        ref = self._task.options(**resources(run_config(run, out)), max_retries=RAY_RETRIES,
-                                 name=f"drpo-run {run.slug}").remote(run, str(out))
+        request = resources(run_config(run, out))
+        if unplaceable(request, self._nodes) and tuple(request.items()) not in self._warned:
+            self._warned.add(tuple(request.items()))
+            print(f"warning: run {run.slug} asks for {request['num_cpus']} CPU(s)"
+                  + (f" and {request['num_gpus']} GPU" if request["num_gpus"] else "") + "; no node of the cluster "
+                  "has that now: it waits in Ray's queue until one joins", file=sys.stderr)
+        ref = self._task.options(**request, max_retries=RAY_RETRIES, name=f"drpo-run {run.slug}").remote(run, str(out))
         self._refs[ref] = (run.slug, out)
 
     def wait(self) -> list[str]:
