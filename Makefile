@@ -25,7 +25,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.all: $(VENV)/.base
-	$(PIP) install -q -e '.[dev,verl,trl,docs]'
+	$(PIP) install -q -e '.[dev,verl,trl,docs,ray]'
 	touch $@
 
 $(VENV)/.docs: $(VENV)/.base

@@ -217,7 +217,14 @@ def compare(
                                                    "or a YAML grid file"),
     out: Path = typer.Option(Path("runs/compare"), "--out"),
     quick: bool = typer.Option(False, "--quick", help="the small smoke-test grid (a few minutes)"),
-    workers: int = typer.Option(1, "--workers", min=1, help="runs in parallel (each uses 1 thread)"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                          help="runs in parallel (each uses 1 thread); default 1, with --backend "
+                                               "ray as many as the cluster's CPUs hold"),
+    backend: str = typer.Option("local", "--backend", help="local (processes on this machine) or ray (tasks on a "
+                                                           "Ray cluster; --out on a folder every node reaches)"),
+    address: Optional[str] = typer.Option(None, "--address", help="--backend ray: the cluster's address (default: "
+                                                                  "RAY_ADDRESS, else a cluster `ray start` began "
+                                                                  "here, else a new one on this machine)"),
     report: Optional[Path] = typer.Option(None, "--report", help="report folder (default <out>/report)"),
     report_only: bool = typer.Option(False, "--report-only", help="only rebuild the report from the runs on disk"),
     map_dir: Optional[Path] = typer.Option(None, "--map", help="--grid decide: the finished stability map's --out"),
@@ -239,7 +246,7 @@ def compare(
         res = run_compare(grid="quick" if quick else grid, out=out, workers=workers, report=report,
                           report_only=report_only, seeds=seeds, steps=steps,
                           blocks=blocks.split(",") if blocks else None, overrides=items, estimate=estimate,
-                          map_dir=map_dir)
+                          map_dir=map_dir, backend=backend, address=address)
     except GridInterrupted as e:
         again = " ".join(a for a in sys.argv[1:])
         _fail(f"{e or 'interrupted'}; resume with: drpo {again}", code=130)

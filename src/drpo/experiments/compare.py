@@ -5,7 +5,8 @@
     <out>/report/README.md, *.png         the report (drpo.experiments.report)
     <out>/.lock                           held by the drpo compare working in this folder
 
-Each run is a fresh process (``spawn``); ``--workers N`` run at once. Re-running the same command
+Each run is a fresh process: on this machine (``spawn``, ``--workers N`` at once), or a Ray task on a
+cluster (``--backend ray``: :mod:`drpo.experiments.backends`). Re-running the same command
 continues the grid: runs that ended (finished, stopped early for collapse, or diverged: results) are
 skipped; a run with a checkpoint that did not end (interrupted, its rollout worker died, a bug, a full
 disk) is resumed from it; one that stopped before its first checkpoint is moved aside to
@@ -22,14 +23,13 @@ import json
 import shutil
 import signal
 import time
-from multiprocessing import get_context
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
 from tqdm.auto import tqdm
 
+from drpo.experiments.backends import Backend, check_backend, make_backend
 from drpo.experiments.grids import SETTINGS, Grid, Run, build_grid, describe
 from drpo.experiments.results import ended
 from drpo.training import run_io
@@ -68,10 +68,9 @@ def plan(run: Run, out: Path) -> str:
 
 
 def execute(run: Run, out: Path, action: str) -> None:
-    """Run (or resume) one run to its end, in its own process; how it ended is in its status file."""
+    """Run (or resume) one run to its end, in its own process (a backend's); how it ended is in its status file."""
     from drpo.training.trainer import Trainer
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the grid's: it stops this run with SIGTERM
     run_dir = out / run.slug
     if action == "restart":
         try:
@@ -112,24 +111,31 @@ def write_manifest(out: Path, grid: Grid) -> dict[str, dict[str, Any]]:
     return entries
 
 
-def run_grid(grid: Grid, out: Path, workers: int = 1) -> dict[str, dict[str, Any]]:
-    """Run every run of ``grid`` under ``out`` that has not ended; returns {slug: manifest entry}."""
+def run_grid(grid: Grid, out: Path, workers: Optional[int] = None, backend: str = "local",
+             address: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """Run every run of ``grid`` under ``out`` that has not ended, ``workers`` at once (None: the backend's
+    default) on ``backend`` (drpo.experiments.backends; ``address``: the Ray cluster's); returns
+    {slug: manifest entry}."""
+    check_backend(backend, address)
     out.mkdir(parents=True, exist_ok=True)
     lock = run_io.RunLock(out)
     try:
-        return _run_locked(grid, out, workers)
+        pool = make_backend(backend, workers, address)
+        try:
+            return _run_locked(grid, out, pool)
+        finally:
+            pool.close()
     finally:
         lock.release()
 
 
-def _run_locked(grid: Grid, out: Path, workers: int) -> dict[str, dict[str, Any]]:
+def _run_locked(grid: Grid, out: Path, pool: Backend) -> dict[str, dict[str, Any]]:
     actions = {r.slug: plan(r, out) for r in grid.runs}
     todo = [r for r in grid.runs if actions[r.slug] != "skip"]
     entries = write_manifest(out, grid)
     bar = tqdm(total=len(grid.runs), initial=len(grid.runs) - len(todo), desc=f"grid {grid.name}",
                unit="run", dynamic_ncols=True)
-    ctx = get_context("spawn")
-    running: dict[str, Any] = {}
+    running: set[str] = set()
     queue = list(todo)
     t0 = time.monotonic()
 
@@ -139,14 +145,12 @@ def _run_locked(grid: Grid, out: Path, workers: int) -> dict[str, dict[str, Any]
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         while queue or running:
-            while queue and len(running) < workers:
+            while queue and len(running) < pool.slots:
                 r = queue.pop(0)
-                p = ctx.Process(target=execute, args=(r, out, actions[r.slug]), name=f"drpo-run {r.slug}")
-                p.start()
-                running[r.slug] = p
-            wait([p.sentinel for p in running.values()])
-            for slug in [s for s, p in running.items() if not p.is_alive()]:
-                running.pop(slug).join()
+                pool.start(r, out, actions[r.slug])
+                running.add(r.slug)
+            for slug in pool.wait():
+                running.discard(slug)
                 entries = write_manifest(out, grid)
                 states = [e["state"] for e in entries.values()]
                 bar.set_postfix(collapsed=states.count("collapsed"), failed=states.count("failed"),
@@ -154,28 +158,27 @@ def _run_locked(grid: Grid, out: Path, workers: int) -> dict[str, dict[str, Any]
                 bar.update(1)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (GridInterrupted)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the runs' checkpoints short
-        for p in running.values():
-            p.terminate()  # SIGTERM: the run stops after its current step, with a checkpoint
-        for p in running.values():
-            p.join(timeout=600)
+        stopped = pool.stop()  # the runs in flight stop after their current step, with a checkpoint
         write_manifest(out, grid)
-        raise GridInterrupted(f"stopped: {len(queue)} queued runs cancelled, {len(running)} in flight stopped "
-                              f"after their current step") from None
+        raise GridInterrupted(f"stopped: {len(queue) + len(running) - stopped} queued runs cancelled, {stopped} in "
+                              f"flight stopped after their current step") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         bar.close()
     return write_manifest(out, grid)
 
 
-def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] = None, report_only: bool = False,
-                *, seeds: Optional[int] = None, steps: Optional[int] = None, blocks: Optional[Sequence[str]] = None,
-                overrides: Sequence[str] = (), estimate: Optional[float] = None,
-                map_dir: Optional[Path] = None) -> dict[str, Any]:
+def run_compare(grid: str, out: Path, workers: Optional[int] = None, report: Optional[Path] = None,
+                report_only: bool = False, *, seeds: Optional[int] = None, steps: Optional[int] = None,
+                blocks: Optional[Sequence[str]] = None, overrides: Sequence[str] = (),
+                estimate: Optional[float] = None, map_dir: Optional[Path] = None, backend: str = "local",
+                address: Optional[str] = None) -> dict[str, Any]:
     """Run the grid (unless ``report_only``) and write the report to ``report`` (default ``out/report``).
 
     ``report_only`` rebuilds the report from the runs in ``out`` (and the manifest from the grid named,
     with the runs' states on disk); ``estimate`` (seconds per run) only prints the run counts and the
-    wall-clock estimate; ``map_dir``: stage 2 (``--grid decide``) chooses its cells from this map.
+    wall-clock estimate; ``map_dir``: stage 2 (``--grid decide``) chooses its cells from this map;
+    ``backend``, ``address``, ``workers``: where the runs run and how many at once (:func:`run_grid`).
     Returns {"entries": {slug: manifest entry}, "report": path to README.md or None}.
     """
     from drpo.experiments.report import write_report
@@ -194,7 +197,8 @@ def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] =
         except run_io.RunLocked:
             pass  # a drpo compare is running in this folder and keeps grid.json current itself
         return {"entries": {}, "report": write_report(out, report_dir, command, map_dir=map_dir)}
-    print(describe(g, estimate, workers))
+    check_backend(backend, address)
+    print(describe(g, estimate, workers or 1))
     if estimate is not None:
         return {"entries": {}, "report": None}
     if g.needs_vllm:
@@ -209,7 +213,7 @@ def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] =
         from drpo.experiments.selection import choose_cells, write_choice
 
         write_choice(map_dir, choose_cells(map_dir))
-    entries = run_grid(g, out, workers)
+    entries = run_grid(g, out, workers, backend, address)
     for slug, e in entries.items():
         if e["state"] not in ("finished", "collapsed") and not (e["state"] == "failed" and e.get("cause") == "diverged"):
             print(f"run {slug} did not end: {e['state']}" + (f" ({e['reason']})" if "reason" in e else ""))
