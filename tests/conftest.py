@@ -67,28 +67,49 @@ def _save_tiny(tmp_path_factory, name: str, config_fn, edit=None, **sizes) -> st
     return str(path)
 
 
+TINY_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                  intermediate_size=64)
+NUMBER_FEATURE, EOS_AFTER_NUMBER = 1.0, 2.2
+
+
+def ends_after_numbers(model, tok) -> None:
+    """Make a tiny model end its responses: the 1,000 number tokens share a feature (+1 on dimension 0 of their
+    tied embedding rows) and EOS reads it (+2.2 on its row): measured on held-out prompts, EOS has 45% of the
+    probability right after a number and under 0.1% elsewhere (so responses are rarely empty). A randomly initialised model never samples EOS in 6 tokens: every run of it would be the
+    no_eos collapse the trainer warns about (drpo.training.collapse)."""
+    numbers = tok.convert_tokens_to_ids([str(i) for i in range(1000)])
+    emb = model.get_input_embeddings().weight  # tied with the output embeddings
+    emb[numbers, 0] += NUMBER_FEATURE
+    emb[tok.eos_token_id, 0] += EOS_AFTER_NUMBER
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
+def random_tiny_dir(tmp_path_factory):
+    """The tiny Qwen3 as initialised (before :func:`ends_after_numbers`): it never samples EOS in a few tokens."""
     from drpo.models.tiny import tiny_qwen3_config
 
-    return _save_tiny(tmp_path_factory, "tiny_qwen3", tiny_qwen3_config, hidden_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64)
+    return _save_tiny(tmp_path_factory, "random_qwen3", tiny_qwen3_config, **TINY_SIZES)
 
 
 @pytest.fixture(scope="session")
-def sharp_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with its (tied) embeddings scaled x20: its next-token distributions are peaked,
-    so sampled tokens fall in every mu bucket (measured: 15/4/13/64 of 96 tokens), as a trained
-    model's do; the random tiny model puts ~all of them below mu = 0.01."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Qwen3 (about 100k parameters) that ends most of its responses (:func:`ends_after_numbers`)."""
+    from drpo.models.tiny import tiny_qwen3_config
 
-    path = tmp_path_factory.mktemp("sharp_qwen3")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
+    return _save_tiny(tmp_path_factory, "tiny_qwen3", tiny_qwen3_config, edit=ends_after_numbers, **TINY_SIZES)
+
+
+@pytest.fixture(scope="session")
+def sharp_model_dir(tmp_path_factory):
+    """The tiny model before :func:`ends_after_numbers`, with its (tied) embeddings scaled x20: its next-token
+    distributions are peaked, so sampled tokens fall in every mu bucket (measured: 15/4/13/64 of 96 tokens), as a
+    trained model's do; the random tiny model puts ~all of them below mu = 0.01."""
+    from drpo.models.tiny import tiny_qwen3_config
+
+    def sharpen(model, tok):
         model.get_input_embeddings().weight.mul_(20.0)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
-    return str(path)
+
+    return _save_tiny(tmp_path_factory, "sharp_qwen3", tiny_qwen3_config, edit=sharpen, **TINY_SIZES)
 
 
 @pytest.fixture(scope="session")

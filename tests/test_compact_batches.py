@@ -1,5 +1,5 @@
-"""Micro-batches that pad only to their own longest row: RolloutBatch.compact / by_length and the trainer's
-log-probs on them (the same numbers as on the padded batch)."""
+"""Micro-batches that pad only to their own longest row: RolloutBatch.compact / pad_responses / by_length and the
+trainer's log-probs on them (the same numbers as on the padded batch)."""
 from __future__ import annotations
 
 import pytest
@@ -45,6 +45,10 @@ def test_compact_drops_exactly_the_columns_that_are_padding_in_every_row():
     # every real token survives: the masks' sums are unchanged
     assert torch.equal(c.prompt_mask.sum(1), b.prompt_mask.sum(1))
     assert torch.equal(c.response_mask.sum(1), b.response_mask.sum(1))
+    # and pad_responses is its inverse on the response columns (zeros where compact dropped columns: here, those
+    # tensors that are 0 on padding)
+    for name in ("response_ids", "response_mask", "behavior_log_prob"):
+        assert torch.equal(b.pad_responses(getattr(c, name)), getattr(b, name)), name
 
 
 def test_compact_keeps_a_batch_that_has_no_padding_column():
@@ -54,12 +58,19 @@ def test_compact_keeps_a_batch_that_has_no_padding_column():
         assert torch.equal(getattr(c, f), getattr(b, f)), f
 
 
-def test_by_length_orders_rows_by_prompt_then_response_length_stably():
+def test_by_length_orders_rows_by_prompt_length_prompt_and_response_length_stably():
     b = _batch([5, 2, 5, 2, 3, 5], [1, 4, 1, 2, 6, 0], P=6, R=6)
+    b.prompt_index = torch.tensor([2, 1, 0, 1, 3, 2])  # rows 1, 3 share a prompt; so do 0, 5
     order = b.by_length(torch.arange(6))
-    assert order.tolist() == [3, 1, 4, 5, 0, 2]
+    assert order.tolist() == [3, 1, 4, 2, 5, 0]  # prompt length 2, 3, 5; then prompt; then response length
     # a subset keeps its own ids
     assert b.by_length(torch.tensor([4, 0, 1])).tolist() == [1, 4, 0]
+    # the rows of one prompt are adjacent even where other prompts have responses of lengths in between
+    b = _batch([4] * 6, [1, 5, 3, 2, 6, 4], P=4, R=6)
+    b.prompt_index = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert b.by_length(torch.arange(6)).tolist() == [0, 2, 1, 3, 5, 4]
+    # without by_prompt (train.share_prompts=false): lengths only, the order the trainer used before sharing
+    assert b.by_length(torch.arange(6), by_prompt=False).tolist() == [0, 3, 2, 5, 1, 4]
 
 
 @pytest.mark.slow  # a Trainer's set-up starts a process

@@ -17,7 +17,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from drpo.training import run_io
+from drpo.training import checkpoint, disk, metrics_log, run_io, status as status_file
+from drpo.training.checkpoint import CheckpointState, rng_state
+from drpo.training.environment import RunEnvironment
 from drpo.training.run_io import DiskFull
 
 
@@ -36,7 +38,8 @@ def policy(tiny_model_dir):
 
 
 def _save(run_dir: Path, step: int, policy) -> Path:
-    return run_io.save_checkpoint(run_dir, step, *policy, {"config": {}})
+    state = CheckpointState(step=step, config={}, environment=RunEnvironment(1, None, None), delta=None, rng=rng_state())
+    return run_io.save_checkpoint(run_dir, *policy, state)
 
 
 def _one_line(error: BaseException) -> str:
@@ -50,15 +53,11 @@ def _one_line(error: BaseException) -> str:
 def test_a_checkpoint_on_a_full_disk(tmp_path, policy, monkeypatch):
     good = _save(tmp_path, 1, policy)
     before = {p.name: p.read_bytes() for p in good.iterdir()}
-    real_save = torch.save
+    def write_then_fail(path, text):  # a partial file, then the disk is full
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    def save_then_fail(obj, f, *args, **kwargs):  # a partial file, then the disk is full
-        if str(f).endswith("state.pt"):
-            Path(f).write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(run_io.torch, "save", save_then_fail)
+    monkeypatch.setattr(checkpoint, "_write_text", write_then_fail)
     with pytest.raises(DiskFull) as info:
         _save(tmp_path, 2, policy)
     message = _one_line(info.value)
@@ -70,11 +69,11 @@ def test_a_checkpoint_on_a_full_disk(tmp_path, policy, monkeypatch):
     assert sorted(p.name for p in root.iterdir()) == ["step_1"]  # no .tmp_step_2 left
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     monkeypatch.undo()
-    ckpt, data = run_io.latest_valid_checkpoint(tmp_path)
-    assert ckpt == good and data["state"]["step"] == 1
+    found = run_io.latest_valid_checkpoint(tmp_path)
+    assert found.path == good and found.state.step == 1
 
 
-def test_safetensors_and_torch_errors_of_a_full_disk_are_recognised(tmp_path, policy, monkeypatch):
+def test_safetensors_errors_of_a_full_disk_are_recognised(tmp_path, policy, monkeypatch):
     from safetensors import SafetensorError
 
     def safetensors_full(*args, **kwargs):
@@ -90,14 +89,14 @@ def test_other_errors_while_saving_stay_as_they_are_and_clean_up(tmp_path, polic
     def broken(*args, **kwargs):
         raise ValueError("not a disk problem")
 
-    monkeypatch.setattr(run_io.torch, "save", broken)
+    monkeypatch.setattr(checkpoint, "save_optimizer", broken)
     with pytest.raises(ValueError, match="not a disk problem"):
         _save(tmp_path, 4, policy)
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
 def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(tmp_path, policy, monkeypatch):
-    monkeypatch.setattr(run_io, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(disk, "free_bytes", lambda path: 1000)
     with pytest.raises(DiskFull, match=r"\(1000 B free, about [\d.]+ [KM]iB needed\); nothing was written; "):
         _save(tmp_path, 5, policy)
     assert list((tmp_path / "checkpoints").glob("*")) == []
@@ -105,7 +104,7 @@ def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(tmp_path, policy
 
 def test_status_can_say_error_on_a_full_disk(tmp_path, monkeypatch):
     run_io.write_status(tmp_path, "running", step=7)
-    monkeypatch.setattr(run_io, "_write_new_file", lambda path, data: (path.write_bytes(b""), enospc()))
+    monkeypatch.setattr(status_file, "_write_new_file", lambda path, data: (path.write_bytes(b""), enospc()))
     long_reason = "DiskFull: " + "x" * 10_000  # longer than the file: shortened to fit
     run_io.write_status(tmp_path, "error", step=7, reason=long_reason)
     status = run_io.read_status(tmp_path)
@@ -116,7 +115,7 @@ def test_status_can_say_error_on_a_full_disk(tmp_path, monkeypatch):
 
 
 def test_status_without_a_file_to_overwrite_is_a_disk_full_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_io, "_write_new_file", enospc)
+    monkeypatch.setattr(status_file, "_write_new_file", enospc)
     with pytest.raises(DiskFull, match=rf"^disk full: could not write {tmp_path / 'status.json'} \("):
         run_io.write_status(tmp_path, "running", step=0)
     assert not (tmp_path / "status.json.tmp").exists()
@@ -139,7 +138,7 @@ def test_a_metrics_row_on_a_full_disk_leaves_no_torn_line(tmp_path, monkeypatch)
         real_write(fd, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(run_io.os, "write", half_then_full)
+    monkeypatch.setattr(metrics_log.os, "write", half_then_full)
     with pytest.raises(DiskFull, match=rf"^disk full: could not write the metrics of step 2 to {tmp_path / 'metrics.jsonl'} \("):
         log.write(2, {"reward/mean": 0.25})
     monkeypatch.undo()
@@ -190,7 +189,7 @@ def test_a_real_full_disk(small_disk, policy, monkeypatch):
         log.write(2, {"reward/mean": 0.5, "pad": "x" * 8000})
     with pytest.raises(DiskFull, match=r"could not write checkpoint step_2 .*nothing was written"):
         _save(run, 2, policy)  # refused up front: the model alone is larger than what is free
-    monkeypatch.setattr(run_io, "checkpoint_bytes", lambda *a: 0)  # so that the writers themselves hit the full disk
+    monkeypatch.setattr(checkpoint, "checkpoint_bytes", lambda *a: 0)  # so that the writers themselves hit the full disk
     with pytest.raises(DiskFull, match=r"could not write checkpoint step_2 .*the partial checkpoint was removed"):
         _save(run, 2, policy)
     assert list((run / "checkpoints").iterdir()) == []

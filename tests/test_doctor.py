@@ -33,8 +33,10 @@ def documented_overrides(name: str) -> list[str]:
 
 # ------------------------------------------------------------------ traps as data, one at a time
 
-CLEAN_VERL = VerlFacts(verl_version="0.9.1", registered=["drpo"], loss_mode="drpo", objective="drpo",
-                       drpo_params={"delta": 12.5}, known_params=DRPO_PARAMS)
+CLEAN_VERL = VerlFacts(verl_version="0.9.1", registered=["drpo"], transfer_queue=True, trl_value_head=True,
+                       trainer="v1", trainer_label=doctor.TRAINER_LABELS["v1"], loss_mode="drpo", objective="drpo",
+                       drpo_params={"delta": 12.5}, known_params=DRPO_PARAMS, bypass_mode=False,
+                       calculate_log_probs=True, strategy="fsdp")
 VERL_CASES = {
     "plugin_not_loaded": dict(plugin_error="no 'drpo' entry point"),
     "overrides_do_not_compose": dict(compose_error="ConfigCompositionException: ..."),
@@ -71,6 +73,44 @@ def test_each_trap_fires_alone(traps, clean, cases):
         assert "\n" not in hits[0][1] and "{" not in hits[0][1]  # one formatted line
 
 
+def test_no_trap_fires_on_an_unknown_fact():
+    """Overrides that do not compose leave the configuration's facts unknown (None): only that trap fires, however
+    the environment looks (before, the doctor assumed the v1 trainer and FSDP and reported traps of them)."""
+    env = VerlEnv(verl_version="0.9.1", registered=["drpo"], transfer_queue=False, trl_version="1.16.0",
+                  trl_value_head=False)
+    facts = VerlFacts(**dataclasses.asdict(env), compose_error="ConfigCompositionException: ...",
+                      clip_ratio_overrides=["actor_rollout_ref.actor.clip_ratio=0.3"])
+    assert [t for t, _ in fired(VERL_TRAPS, facts)] == ["overrides_do_not_compose"]
+    assert fired(VERL_TRAPS, VerlFacts()) == []  # nothing known: nothing said
+    assert [t for t, _ in fired(VERL_TRAPS, dataclasses.replace(facts, compose_error=None, trainer="v1",
+                                                                strategy="fsdp"))] == \
+        ["v1_needs_transfer_queue", "trl_breaks_verl_fsdp"]  # the same environment, once the facts are known
+
+
+def test_trl_facts_come_from_compiled_code_not_source_text():
+    """What a method calls, the string keys it builds and the attributes methods assign, read from code objects
+    (a comment or a docstring mentioning them does not count; the source file need not exist)."""
+    class Base:
+        def __init__(self):
+            self.beta = 0.0
+
+    class Trainer(Base):
+        def compute_loss(self, model, inputs):
+            """Mentions self._compute_loss( and self.gamma = in its docstring."""
+            # self._compute_loss(model, inputs)
+            return self._other(model, inputs)
+
+        def produce(self):
+            def inner():
+                return {"advantages": 1, "prompt_ids": 2}
+            return inner()
+
+    assert "_compute_loss" not in doctor.names_used(Trainer.compute_loss)
+    assert "_other" in doctor.names_used(Trainer.compute_loss)
+    assert {"advantages", "prompt_ids"} <= doctor.strings_in(Trainer.produce)
+    assert "beta" in doctor.attributes_set(Trainer) and "gamma" not in doctor.attributes_set(Trainer)
+
+
 def test_drpo_traps_need_a_drpo_loss():
     """verl's own losses read clip_ratio* and take bypass mode's loss swap as intended."""
     facts = dataclasses.replace(CLEAN_VERL, loss_mode="vanilla", objective=None, bypass_mode=True, trainer="legacy",
@@ -102,7 +142,7 @@ def test_pins_agree_with_pyproject():
 
 def _no_env_trouble(monkeypatch) -> None:
     """Pretend the environment is complete, so only configuration traps can fire."""
-    env = VerlEnv(verl_version="0.9.1", registered=["drpo"])
+    env = VerlEnv(verl_version="0.9.1", registered=["drpo"], transfer_queue=True)
     monkeypatch.setattr(doctor, "probe_verl_env", lambda modules, timeout=300.0: env)
 
 

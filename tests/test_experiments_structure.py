@@ -93,7 +93,7 @@ def test_stage_two_cells_are_chosen_once(tmp_path, monkeypatch):
     calls = []
     real = selection.pg_is_collapses
     monkeypatch.setattr(selection, "pg_is_collapses", lambda d: calls.append(d) or real(d))
-    monkeypatch.setattr(compare, "run_grid", lambda g, out, workers: {})
+    monkeypatch.setattr(compare, "run_grid", lambda g, out, workers, backend, address: {})
     monkeypatch.setattr(report, "write_report", lambda *a, **k: None)
     compare.run_compare("decide", tmp_path / "d", map_dir=m, blocks=["calm"])
     assert len(calls) == 1  # build_grid chose; run_compare wrote that same choice beside the map
@@ -128,7 +128,7 @@ def test_a_report_that_is_not_the_map_is_not_titled_as_one(tmp_path):
 def test_run_states_are_judged_by_ended(tmp_path, monkeypatch, capsys):
     entries = {"a": {"state": "failed", "cause": "diverged"}, "b": {"state": "failed", "cause": "rollout_worker"},
                "c": {"state": "collapsed"}, "d": {"state": "interrupted"}}
-    monkeypatch.setattr(compare, "run_grid", lambda g, out, workers: entries)
+    monkeypatch.setattr(compare, "run_grid", lambda g, out, workers, backend, address: entries)
     monkeypatch.setattr(report, "write_report", lambda *a, **k: None)
     compare.run_compare("quick", tmp_path / "q")
     said = {line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("run ")}

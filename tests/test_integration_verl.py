@@ -249,7 +249,7 @@ def doctor_traps(monkeypatch, entry: str, overrides: list[str]) -> list[str]:
     only the traps of the configuration itself can fire."""
     from typer.testing import CliRunner
 
-    env = doctor.VerlEnv(verl_version="0.9.1", registered=["drpo"])
+    env = doctor.VerlEnv(verl_version="0.9.1", registered=["drpo"], transfer_queue=True)
     monkeypatch.setattr(doctor, "probe_verl_env", lambda modules, timeout=300.0: env)
     result = CliRunner().invoke(doctor.app, ["verl", "--entry", entry, *overrides])
     traps = [ln.split(":")[0].split()[1] for ln in result.output.splitlines() if ln.startswith("TRAP ")]

@@ -11,9 +11,9 @@ from drpo.training.logprobs import response_logprobs
 
 
 @pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+def policy(random_tiny_dir):
+    tok = AutoTokenizer.from_pretrained(random_tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(random_tiny_dir, dtype=torch.float32)
     # sharpen the random model a little so that probabilities are not all ~1/V
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(8.0)

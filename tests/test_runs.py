@@ -121,8 +121,9 @@ def test_resume_starts_over_when_there_is_no_checkpoint(tiny_model_dir, tmp_path
 
 @pytest.mark.slow
 def test_resuming_on_other_cpu_kernels_is_said(tiny_model_dir, tmp_path, monkeypatch):
-    """A checkpoint records the CPU kernels torch used; resuming on another set (another machine) warns that
-    the numbers part from the uninterrupted run's. The same set: no warning."""
+    """A checkpoint records the run's environment (drpo.training.environment); resuming on another set of CPU
+    kernels (another machine) warns that the numbers part from the uninterrupted run's. The same set: no warning.
+    (Another thread count cannot happen: ``threads`` may not change on resume, and unset, the run keeps its own.)"""
     import torch
 
     out = tmp_path / "r"
@@ -130,7 +131,7 @@ def test_resuming_on_other_cpu_kernels_is_said(tiny_model_dir, tmp_path, monkeyp
     assert run_io.read_status(out)["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     notes = []
     Trainer(small(tiny_model_dir, out, "train.steps=4"), resume=True, notify=notes.append).life.lock.release()
-    assert not any("CPU kernels" in n for n in notes), notes
+    assert not any("resuming with" in n for n in notes), notes
     saved = torch.backends.cpu.get_cpu_capability()
     other = "AVX512" if saved != "AVX512" else "AVX2"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
@@ -196,7 +197,7 @@ def test_resume_falls_back_past_a_corrupted_checkpoint(tiny_model_dir, tmp_path,
         f = bad / "model.safetensors"
         f.write_bytes(f.read_bytes()[:1000])
     else:
-        (bad / "state.pt").write_bytes(b"")
+        (bad / "state.json").write_bytes(b"")
     notes = []
     tr = Trainer(small(tiny_model_dir, out, "save_every=1"), resume=True, notify=notes.append)
     assert tr.start_step == 2
@@ -216,3 +217,30 @@ def test_jsonl_task_without_eval_path_finishes_with_a_clear_summary(tiny_model_d
                                    "progress=false"])
     assert res.exit_code == 0, res.output
     assert "held-out evaluation is skipped" in res.output and "not measured" in res.output
+
+
+# ------------------------------------------------------------------ 7. train.steps and the schedule
+def test_train_steps_may_not_change_on_resume_when_the_schedule_is_laid_out_over_it():
+    """cosine's learning rates depend on train.steps: a resumed run with other steps would not continue the run it
+    resumes (refused, one line); constant and warmup do not, so steps may grow there."""
+    from drpo.training.resume import ResumeRefused, check_resume_config
+
+    def cfg(schedule, steps):
+        return {"train": {"schedule": schedule, "steps": steps, "warmup_steps": 2}}
+
+    with pytest.raises(ResumeRefused, match=r"^--resume with train.steps=6 \(the run's: 4\): train.schedule=cosine "
+                                            r"lays its learning rates out over train.steps") as e:
+        check_resume_config(cfg("cosine", 4), cfg("cosine", 6), 2)
+    assert len(str(e.value).splitlines()) == 1
+    check_resume_config(cfg("cosine", 4), cfg("cosine", 4), 2)
+    for schedule in ("constant", "warmup"):
+        check_resume_config(cfg(schedule, 4), cfg(schedule, 6), 2)
+
+
+def test_the_schedules_said_to_depend_on_the_run_length_are_those_that_do():
+    from drpo.training.optim import OVER_THE_RUN, schedule
+
+    for kind in ("constant", "warmup", "cosine"):
+        short, long = schedule(kind, 2, 40), schedule(kind, 2, 400)
+        depends = any(short(i) != long(i) for i in range(40))
+        assert depends == (kind in OVER_THE_RUN), kind

@@ -112,7 +112,7 @@ def test_drpo_compare_runs_the_plan_until_it_asks_for_nothing_new(tmp_path, monk
     """run_compare runs look after look (each look's runs written here by a stand-in for run_grid)."""
     looks_run = []
 
-    def fake_run_grid(g, out, workers):
+    def fake_run_grid(g, out, workers, backend, address):
         new = [b for b in g.blocks if int(b.name[4:]) not in looks_run]
         for b in new:
             looks_run.append(int(b.name[4:]))

@@ -1,4 +1,4 @@
-"""Supervised warm start of the tiny built-in models: how the shipped weights were made.
+"""Supervised warm start: how the shipped built-in models were made, and the real model's arithmetic start.
 
 RL needs a policy that already succeeds sometimes. :func:`warm_start` trains a tiny Qwen3 (or
 Qwen3-MoE) from a seeded random initialisation (AdamW, loss on response tokens) to imitate the
@@ -15,6 +15,13 @@ The result (model + tokenizer via ``save_pretrained``, plus ``warmstart.json`` w
 seed, steps and held-out accuracies) is what ships as ``model=builtin`` / ``model=builtin-moe``
 (``src/drpo/data/models/``); ``drpo warmstart --model NAME --out DIR`` makes it again. The folder
 is written to a temporary name and renamed into place, so an interrupted run leaves nothing.
+
+The same recipe starts a pretrained model on the task (``init=``: a model name or folder, loaded by
+:func:`drpo.models.load_policy`, instead of a random tiny one): ``smollm2-135m-arith`` is
+SmolLM2-135M-Instruct warm-started with :data:`REAL_HPARAMS` (the pretrained model scores 0 on the task
+out of the box: it does not write the boxed answer, and its sums are often wrong). It is 540 MB, so it
+is not shipped: ``drpo warmstart --model smollm2-135m-arith`` writes it into the cache directory
+(:func:`drpo.models.warm_started_dir`), where ``model=smollm2-135m-arith`` finds it.
 
 Determinism: given the seed the run is reproducible on one machine with one torch thread count;
 CPU reductions are ordered differently with other thread counts and CPU types, so results (and the
@@ -37,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from drpo.builtin.tokenizer import build_tokenizer
-from drpo.models.tiny import build_tiny_model, tiny_config
+from drpo.models import build_tiny_model, load_policy, tiny_config
 from drpo.rewards.verify import extract_boxed
 from drpo.tasks.arithmetic import DEFAULT_DIFFICULTY, ArithmeticTask
 from drpo.tasks.base import Example
@@ -59,6 +66,15 @@ class WarmStartHParams:
     n_final_eval: int = 512
     max_new_tokens: int = 16
     demo_accuracy: float = 0.35
+
+
+# SmolLM2-135M-Instruct: its steps cost about 100x the tiny model's, hence smaller batches and evaluations (the
+# stopping rule is the same). Its demonstrations are all right (demo_accuracy 1): the pretrained model's own
+# sums are often wrong, so it needs no shortcut to hold a wrong behaviour beside the right one. Measured
+# (docs/real-model.md): lr 3e-5 with the built-in recipe's 0.35 stayed at 0.00-0.08 for 50 steps; lr 1e-4 with
+# 1.0 reached 0.17 at step 10 (kept: in the band) and 0.42 at step 20 (past it: stopped)
+REAL_HPARAMS = WarmStartHParams(batch_size=16, lr=1e-4, warmup_steps=10, max_steps=400, eval_every=10, n_eval=64,
+                                n_final_eval=256, demo_accuracy=1.0)
 
 
 def boxed_answer(text: str) -> str | None:
@@ -90,7 +106,10 @@ def sample_responses(model: PreTrainedModel, tok: PreTrainedTokenizerFast, promp
                      ) -> tuple[list[str], torch.Tensor]:
     """Decoded responses, and the probabilities of every sampled token (EOS included)."""
     model.eval()
-    batch = tok(prompts, return_tensors="pt", padding=True)
+    ids = [tok(p)["input_ids"] for p in prompts]  # left-padded: generation continues each prompt where it ends
+    width = max(len(x) for x in ids)
+    batch = {"input_ids": torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids]),
+             "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])}
     sampling = {"do_sample": False} if greedy else {
         "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
     out = model.generate(**batch, **sampling, max_new_tokens=max_new_tokens, output_scores=True,
@@ -120,9 +139,11 @@ def heldout_accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerFast,
 
 def warm_start(out: Path, *, target_band: tuple[float, float] = (0.15, 0.40), stop_at: float = 0.20,
                seed: int = 0, progress: bool = True, hparams: WarmStartHParams = WarmStartHParams(),
-               model_overrides: dict | None = None, arch: str = "dense", command: str = "") -> Path:
-    """Train the warm-started tiny model (``arch`` 'dense' Qwen3 or 'moe' Qwen3-MoE) into the folder
-    ``out`` (replaced if it exists); returns it. ``command`` is recorded in ``warmstart.json``.
+               model_overrides: dict | None = None, arch: str = "dense", init: str | None = None,
+               command: str = "") -> Path:
+    """Train the warm-started tiny model (``arch`` 'dense' Qwen3 or 'moe' Qwen3-MoE), or the pretrained
+    model ``init`` (a name or folder for :func:`drpo.models.load_policy`), into the folder ``out`` (replaced
+    if it exists); returns it. ``command`` is recorded in ``warmstart.json``.
 
     The MoE model trains with its router load-balancing loss (``router_aux_loss_coef``), as MoE
     models are pre-trained, so that its experts are used.
@@ -133,13 +154,17 @@ def warm_start(out: Path, *, target_band: tuple[float, float] = (0.15, 0.40), st
     ``warmstart.json`` records whether the saved model was in band, and its accuracies.
     """
     lo, hi = target_band
-    tok = build_tokenizer()
-    config = tiny_config(arch, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=None, **(model_overrides or {}))
     task = ArithmeticTask(difficulty=hparams.difficulty, seed=seed)
     start = time.time()
     random.seed(seed)
-    model = build_tiny_model(config, seed)
+    if init is None:
+        tok = build_tokenizer()
+        config = tiny_config(arch, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             bos_token_id=None, **(model_overrides or {}))
+        model = build_tiny_model(config, seed)
+    else:
+        torch.manual_seed(seed)
+        tok, model = load_policy(init)
     opt = torch.optim.AdamW(model.parameters(), lr=hparams.lr, weight_decay=hparams.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / hparams.warmup_steps))
@@ -180,7 +205,7 @@ def warm_start(out: Path, *, target_band: tuple[float, float] = (0.15, 0.40), st
     model.generation_config = GenerationConfig(
         do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=hparams.max_new_tokens,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    record = {"command": command, "arch": arch, "seed": seed, "steps": step, "in_band": kept is not None,
+    record = {"command": command, "arch": arch if init is None else type(model).__name__, "init": init, "seed": seed, "steps": step, "in_band": kept is not None,
               "heldout_sampled_accuracy": sampled, "heldout_greedy_accuracy": greedy,
               "n_heldout": len(final_set), "frac_sampled_tokens_mu_below_0.01": tail,
               "wall_time_s": round(time.time() - start, 1), "torch_threads": torch.get_num_threads(),

@@ -10,6 +10,7 @@ from drpo.evaluation.metrics import EvalResult, GenerateFn, evaluate
 from drpo.models.text import TextCodec
 from drpo.rollout.engine import RolloutBatch, SamplingParams
 from drpo.tasks.base import Example
+from drpo.utils.errors import InputError
 
 # (prompt ids, sampling params) -> a rollout batch: an engine's ``generate`` with its random generator bound
 GenerateIds = Callable[[list[list[int]], SamplingParams], RolloutBatch]
@@ -56,7 +57,7 @@ def load_examples(benchmark: str, *, question_field: str, answer_field: str, lim
         return load_benchmark(benchmark, limit=limit)
     if benchmark.endswith(".jsonl"):
         return load_jsonl(benchmark, question_field=question_field, answer_field=answer_field, limit=limit)
-    raise ValueError(f"unknown benchmark {benchmark!r}; known: builtin, {', '.join(sorted(BENCHMARKS))}, "
+    raise InputError(f"unknown benchmark {benchmark!r}; known: builtin, {', '.join(sorted(BENCHMARKS))}, "
                      "or a path ending in .jsonl")
 
 
@@ -65,7 +66,10 @@ def run_eval(*, model: str, benchmark: str, k: int, limit: Optional[int], temper
              seed: int, progress: bool = True) -> EvalResult:
     from drpo.models.loading import load_policy
     from drpo.rollout.engine import HFRolloutEngine
+    from drpo.rollout.precision import PRECISIONS
 
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown rollout precision {precision!r}; known: {', '.join(PRECISIONS)}")
     examples = load_examples(benchmark, question_field=question_field, answer_field=answer_field, limit=limit)
     tokenizer, net = load_policy(model)
     engine = HFRolloutEngine(net, precision=precision, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)

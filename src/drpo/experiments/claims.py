@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
 from drpo.experiments.stats import Effect
+from drpo.utils.errors import InputError
 
 METRICS = ("final_acc", "grad_var", "time_to_acc", "collapse")
 RULES = ("directional", "equivalence", "noninferior", "fewer")
@@ -74,15 +75,15 @@ class Claim:
     def __post_init__(self) -> None:
         where = f"claim {self.id!r}"
         if self.metric not in METRICS:
-            raise ValueError(f"{where}: unknown metric {self.metric!r}; known: {list(METRICS)}")
+            raise InputError(f"{where}: unknown metric {self.metric!r}; known: {list(METRICS)}")
         if self.rule not in RULES:
-            raise ValueError(f"{where}: unknown rule {self.rule!r}; known: {list(RULES)}")
+            raise InputError(f"{where}: unknown rule {self.rule!r}; known: {list(RULES)}")
         if (self.metric == "collapse") != (self.rule == "fewer"):
-            raise ValueError(f"{where}: the collapse metric goes with the rule 'fewer', and only it")
+            raise InputError(f"{where}: the collapse metric goes with the rule 'fewer', and only it")
         if not self.treatment or not self.control or not self.settings:
-            raise ValueError(f"{where}: needs treatment, control and settings")
+            raise InputError(f"{where}: needs treatment, control and settings")
         if not self.margin > 0:
-            raise ValueError(f"{where}: margin must be > 0")
+            raise InputError(f"{where}: margin must be > 0")
 
     @property
     def label(self) -> str:
@@ -97,12 +98,12 @@ class Claim:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"{where}: claim {d.get('id', '?')!r} has unknown field(s) {unknown}; "
+            raise InputError(f"{where}: claim {d.get('id', '?')!r} has unknown field(s) {unknown}; "
                              f"fields: {sorted(known)}")
         try:
             return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
         except TypeError as e:
-            raise ValueError(f"{where}: claim {d.get('id', '?')!r}: {e}") from None
+            raise InputError(f"{where}: claim {d.get('id', '?')!r}: {e}") from None
 
 
 def decide_claims(calm: str, stressed: Sequence[str]) -> tuple[Claim, ...]:
@@ -153,7 +154,7 @@ def parse_claims(raw: Sequence[Any], where: str) -> tuple[Claim, ...]:
         if isinstance(item, dict):
             out.append(Claim.from_dict(item, where))
         else:
-            raise ValueError(f"{where}: a claim is a mapping with the fields {sorted(Claim.__dataclass_fields__)}, "
+            raise InputError(f"{where}: a claim is a mapping with the fields {sorted(Claim.__dataclass_fields__)}, "
                              f"got {item!r}")
     return tuple(out)
 

@@ -5,7 +5,8 @@
     <out>/report/README.md, *.png         the report (drpo.experiments.report)
     <out>/.lock                           held by the drpo compare working in this folder
 
-Each run is a fresh process (``spawn``); ``--workers N`` run at once. Re-running the same command
+Each run is a fresh process: on this machine (``spawn``, ``--workers N`` at once), or a Ray task on a
+cluster (``--backend ray``: :mod:`drpo.experiments.backends`). Re-running the same command
 continues the grid: runs that ended (finished, stopped early for collapse, or diverged: results) are
 skipped; a run with a checkpoint that did not end (interrupted, its rollout worker died, a bug, a full
 disk) is resumed from it; one that stopped before its first checkpoint is moved aside to
@@ -22,76 +23,24 @@ import json
 import shutil
 import signal
 import time
-from multiprocessing import get_context
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
 from tqdm.auto import tqdm
 
+from drpo.experiments.backends import Backend, check_backend, make_backend
 from drpo.experiments.grids import Grid, Run, build_grid, describe
 from drpo.experiments.results import ended
+from drpo.experiments.runner import MANIFEST, execute, plan, run_config  # noqa: F401 (run_config: re-exported)
 from drpo.experiments.selection import write_choice
 from drpo.experiments.study import SETTINGS
 from drpo.training import run_io
 from drpo.training.config import RunConfig, load_config
-
-MANIFEST = "grid.json"
-
+from drpo.utils.errors import InputError
 
 class GridInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped the grid; the message says how to resume."""
-
-
-def run_config(run: Run, out: Path) -> RunConfig:
-    return load_config(None, list(run.overrides) + [f"out={out / run.slug}"])
-
-
-def plan(run: Run, out: Path) -> str:
-    """What to do with a run: 'skip' (it ended: a result), 'resume', 'restart' or 'start'.
-
-    Raises ValueError when the run directory holds a run of another configuration (e.g. the grid's
-    steps changed): continuing it would mix two experiments under one name.
-    """
-    run_dir = out / run.slug
-    if not (run_dir / "config.yaml").exists():
-        return "restart" if run_dir.exists() else "start"
-    # validated, so that keys added to the config since (with their defaults) compare equal
-    on_disk = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text())).model_dump(mode="json")
-    wanted = run_config(run, out).model_dump(mode="json")
-    if {k: v for k, v in on_disk.items() if k != "out"} != {k: v for k, v in wanted.items() if k != "out"}:
-        raise ValueError(f"{run_dir} holds a run with another configuration than this grid's; "
-                         f"use another --out (or delete that run) to run the grid as now defined")
-    if ended(run_io.read_status(run_dir)):
-        return "skip"
-    return "resume" if run_io.latest_checkpoint(run_dir) is not None else "restart"
-
-
-def execute(run: Run, out: Path, action: str) -> None:
-    """Run (or resume) one run to its end, in its own process; how it ended is in its status file."""
-    from drpo.training.trainer import Trainer
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the grid's: it stops this run with SIGTERM
-    run_dir = out / run.slug
-    if action == "restart":
-        try:
-            run_io.RunLock(run_dir).release()  # a folder in use by a live process is never moved
-        except run_io.RunLocked:
-            return
-        aside = run_dir.with_name(run_dir.name + ".aborted")
-        shutil.rmtree(aside, ignore_errors=True)
-        run_dir.rename(aside)
-    try:
-        trainer = Trainer(run_config(run, out), resume=action == "resume")
-    except Exception as e:  # noqa: BLE001 -- set-up failed: say so where the grid reads states
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_io.write_status(run_dir, "error", step=0, reason=f"{type(e).__name__}: {e}")
-        return
-    try:
-        trainer.train()
-    except BaseException:  # noqa: BLE001 -- the run's lifecycle wrote its status (and traceback.txt)
-        pass
 
 
 def _state(out: Path, run: Run) -> dict[str, Any]:
@@ -113,24 +62,31 @@ def write_manifest(out: Path, grid: Grid) -> dict[str, dict[str, Any]]:
     return entries
 
 
-def run_grid(grid: Grid, out: Path, workers: int = 1) -> dict[str, dict[str, Any]]:
-    """Run every run of ``grid`` under ``out`` that has not ended; returns {slug: manifest entry}."""
+def run_grid(grid: Grid, out: Path, workers: Optional[int] = None, backend: str = "local",
+             address: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """Run every run of ``grid`` under ``out`` that has not ended, ``workers`` at once (None: the backend's
+    default) on ``backend`` (drpo.experiments.backends; ``address``: the Ray cluster's); returns
+    {slug: manifest entry}."""
+    check_backend(backend, address)
     out.mkdir(parents=True, exist_ok=True)
     lock = run_io.RunLock(out)
     try:
-        return _run_locked(grid, out, workers)
+        pool = make_backend(backend, workers, address)
+        try:
+            return _run_locked(grid, out, pool)
+        finally:
+            pool.close()
     finally:
         lock.release()
 
 
-def _run_locked(grid: Grid, out: Path, workers: int) -> dict[str, dict[str, Any]]:
+def _run_locked(grid: Grid, out: Path, pool: Backend) -> dict[str, dict[str, Any]]:
     actions = {r.slug: plan(r, out) for r in grid.runs}
     todo = [r for r in grid.runs if actions[r.slug] != "skip"]
     entries = write_manifest(out, grid)
     bar = tqdm(total=len(grid.runs), initial=len(grid.runs) - len(todo), desc=f"grid {grid.name}",
                unit="run", dynamic_ncols=True)
-    ctx = get_context("spawn")
-    running: dict[str, Any] = {}
+    running: set[str] = set()
     queue = list(todo)
     t0 = time.monotonic()
 
@@ -140,14 +96,12 @@ def _run_locked(grid: Grid, out: Path, workers: int) -> dict[str, dict[str, Any]
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         while queue or running:
-            while queue and len(running) < workers:
+            while queue and len(running) < pool.slots:
                 r = queue.pop(0)
-                p = ctx.Process(target=execute, args=(r, out, actions[r.slug]), name=f"drpo-run {r.slug}")
-                p.start()
-                running[r.slug] = p
-            wait([p.sentinel for p in running.values()])
-            for slug in [s for s, p in running.items() if not p.is_alive()]:
-                running.pop(slug).join()
+                pool.start(r, out, actions[r.slug])
+                running.add(r.slug)
+            for slug in pool.wait():
+                running.discard(slug)
                 entries = write_manifest(out, grid)
                 states = [e["state"] for e in entries.values()]
                 bar.set_postfix(collapsed=states.count("collapsed"), failed=states.count("failed"),
@@ -155,28 +109,27 @@ def _run_locked(grid: Grid, out: Path, workers: int) -> dict[str, dict[str, Any]
                 bar.update(1)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (GridInterrupted)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the runs' checkpoints short
-        for p in running.values():
-            p.terminate()  # SIGTERM: the run stops after its current step, with a checkpoint
-        for p in running.values():
-            p.join(timeout=600)
+        stopped = pool.stop()  # the runs in flight stop after their current step, with a checkpoint
         write_manifest(out, grid)
-        raise GridInterrupted(f"stopped: {len(queue)} queued runs cancelled, {len(running)} in flight stopped "
-                              f"after their current step") from None
+        raise GridInterrupted(f"stopped: {len(queue) + len(running) - stopped} queued runs cancelled, {stopped} in "
+                              f"flight stopped after their current step") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         bar.close()
     return write_manifest(out, grid)
 
 
-def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] = None, report_only: bool = False,
-                *, seeds: Optional[int] = None, steps: Optional[int] = None, blocks: Optional[Sequence[str]] = None,
-                overrides: Sequence[str] = (), estimate: Optional[float] = None,
-                map_dir: Optional[Path] = None) -> dict[str, Any]:
+def run_compare(grid: str, out: Path, workers: Optional[int] = None, report: Optional[Path] = None,
+                report_only: bool = False, *, seeds: Optional[int] = None, steps: Optional[int] = None,
+                blocks: Optional[Sequence[str]] = None, overrides: Sequence[str] = (),
+                estimate: Optional[float] = None, map_dir: Optional[Path] = None, backend: str = "local",
+                address: Optional[str] = None) -> dict[str, Any]:
     """Run the grid (unless ``report_only``) and write the report to ``report`` (default ``out/report``).
 
     ``report_only`` rebuilds the report from the runs in ``out`` (and the manifest from the grid named,
     with the runs' states on disk); ``estimate`` (seconds per run) only prints the run counts and the
-    wall-clock estimate; ``map_dir``: stage 2 (``--grid decide``) chooses its cells from this map.
+    wall-clock estimate; ``map_dir``: stage 2 (``--grid decide``) chooses its cells from this map;
+    ``backend``, ``address``, ``workers``: where the runs run and how many at once (:func:`run_grid`).
     Returns {"entries": {slug: manifest entry}, "report": path to README.md or None}.
     """
     from drpo.experiments.report import write_report
@@ -192,14 +145,15 @@ def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] =
                + " --report-only" + (f" --report {shown(report)}" if report is not None else ""))
     if report_only:
         if not any((out / r.slug / "status.json").exists() for r in g.runs):
-            raise ValueError(f"--report-only: no run of grid {g.name!r} under {out}; run the grid first")
+            raise InputError(f"--report-only: no run of grid {g.name!r} under {out}; run the grid first")
         try:
             with _held(out):
                 write_manifest(out, g)
         except run_io.RunLocked:
             pass  # a drpo compare is running in this folder and keeps grid.json current itself
         return {"entries": {}, "report": write_report(out, report_dir, command, map_dir=map_dir)}
-    print(describe(g, estimate, workers))
+    check_backend(backend, address)
+    print(describe(g, estimate, workers or 1))
     if estimate is not None:
         return {"entries": {}, "report": None}
     if g.needs_vllm:
@@ -207,18 +161,18 @@ def run_compare(grid: str, out: Path, workers: int = 1, report: Optional[Path] =
 
         if importlib.util.find_spec("vllm") is None:
             vllm_blocks = [b.name for b in g.blocks if any(SETTINGS[s].needs_vllm for s in b.settings)]
-            raise ValueError(f"grid {g.name!r} has vLLM settings (blocks {vllm_blocks}) and vLLM is not installed "
+            raise InputError(f"grid {g.name!r} has vLLM settings (blocks {vllm_blocks}) and vLLM is not installed "
                              "here: run it with .venv-vllm/bin/drpo (make setup-vllm), or keep the other blocks "
                              "with --blocks")
     if g.choice is not None:
         write_choice(map_dir, g.choice)
-    entries = run_grid(g, out, workers)
+    entries = run_grid(g, out, workers, backend, address)
     while g.kind == "sequential":  # the next look's block: seeds for the comparisons still open
         nxt = grid_now()
         if {r.slug for r in nxt.runs} == {r.slug for r in g.runs}:
             break
-        print(describe(nxt, None, workers))
-        g, entries = nxt, run_grid(nxt, out, workers)
+        print(describe(nxt, None, workers or 1))
+        g, entries = nxt, run_grid(nxt, out, workers, backend, address)
     for slug, e in entries.items():
         if not ended(e):
             print(f"run {slug} did not end: {e['state']}" + (f" ({e['reason']})" if "reason" in e else ""))

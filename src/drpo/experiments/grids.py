@@ -40,6 +40,7 @@ from drpo.experiments import sequential as Q
 from drpo.experiments.selection import Choice, choose_cells
 from drpo.experiments.study import CALM, LR_EXTENSION, LR_LADDER, METHODS, SETTINGS, map_cells
 from drpo.training.config import load_config
+from drpo.utils.errors import InputError
 
 
 MAP_METHODS = ("pg_is", "dapo", "dppo_tv", "drpo", "drpo_d0.15")
@@ -60,8 +61,11 @@ class Block:
 
 
 # Grid-wide overrides on top of the config defaults (see the module docstring).
+# train.share_prompts and train.fused_optimizer false: the trainer as the committed study ran it (both came
+# later: the same maths, float-level differences), so that every grid reproduces its runs number for number.
 GRID_BASE = ("threads=1", "progress=false", "tensorboard=false", "eval.every=10", "save_every=50",
-             "train.overlong_reward=0", "train.stop_on_collapse=true")
+             "train.overlong_reward=0", "train.stop_on_collapse=true",
+             "train.share_prompts=false", "train.fused_optimizer=false")
 QUICK_BLOCKS = (Block("quick", "smoke test: DRPO against GRPO clip-higher, synchronous and staleness 1",
                       ("drpo", "dapo"), ("fp8", "stale1"), (0, 1)),)
 QUICK_BASE = ("train.steps=12", "eval.every=4", "eval.prompts=64", "save_every=4")
@@ -169,7 +173,7 @@ def expand(name: str, blocks: Sequence[Block], base: Sequence[str], claims: Sequ
     for b in blocks:
         unknown = [m for m in b.methods if m not in METHODS] + [s for s in b.settings if s not in SETTINGS]
         if unknown:
-            raise ValueError(f"grid block {b.name!r}: unknown method/setting {unknown}; "
+            raise InputError(f"grid block {b.name!r}: unknown method/setting {unknown}; "
                              f"methods: {list(METHODS)}, settings: {list(SETTINGS)}")
         grid.runs_by_block[b.name] = [
             Run(b.name, m, s, seed, tuple(base) + tuple(METHODS[m].overrides()) + SETTINGS[s].overrides
@@ -206,13 +210,13 @@ def build_grid(name: str = "map", *, seeds: Optional[int] = None, steps: Optiona
         chosen, base, claims = map_blocks(extended=name == "map-ext"), GRID_BASE + (f"train.steps={MAP_STEPS}",), ()
     elif name == "decide":
         if map_dir is None:
-            raise ValueError("--grid decide needs the finished stability map: --map DIR (the --out of --grid map)")
+            raise InputError("--grid decide needs the finished stability map: --map DIR (the --out of --grid map)")
         choice = choose_cells(Path(map_dir))
         chosen = decide_blocks(choice.stressed)
         base, claims, notes = GRID_BASE + (f"train.steps={DECIDE_STEPS}",), C.decide_claims(CALM, choice.stressed), choice.notes
     elif name == "sequential":
         if seeds is not None or blocks:
-            raise ValueError("--grid sequential is a plan fixed in advance: its seeds and blocks cannot be chosen")
+            raise InputError("--grid sequential is a plan fixed in advance: its seeds and blocks cannot be chosen")
         chosen = tuple(Block(f"look{k}", f"look {k} of the sequential plan: seeds for the comparisons still open",
                              methods, (Q.CELL.name,), Q.seeds_of(k)) for k, methods in Q.blocks_to_run(Q.ended_runs(runs_dir)))
         base, claims = GRID_BASE + (f"train.steps={Q.STEPS}",), Q.claims()
@@ -223,13 +227,13 @@ def build_grid(name: str = "map", *, seeds: Optional[int] = None, steps: Optiona
         claims = C.parse_claims(raw_claims, where=f"grid file {name}")
         name = Path(name).stem
     else:
-        raise ValueError(f"unknown grid {name!r}: use one of {', '.join(GRIDS)}, or a .yaml grid file")
+        raise InputError(f"unknown grid {name!r}: use one of {', '.join(GRIDS)}, or a .yaml grid file")
     if map_dir is not None and name != "decide":
-        raise ValueError("--map is for --grid decide only")
+        raise InputError("--map is for --grid decide only")
     if blocks:
         missing = set(blocks) - {b.name for b in chosen}
         if missing:
-            raise ValueError(f"no block(s) {sorted(missing)} in grid {name!r}; it has {[b.name for b in chosen]}")
+            raise InputError(f"no block(s) {sorted(missing)} in grid {name!r}; it has {[b.name for b in chosen]}")
         chosen = tuple(b for b in chosen if b.name in blocks)
     if seeds is not None:
         chosen = tuple(Block(b.name, b.claims, b.methods, b.settings, b.seeds[:seeds]) for b in chosen)
@@ -250,17 +254,17 @@ def _check_overrides(overrides: Sequence[str], blocks: Sequence[Block]) -> None:
     owned.update({key(o): f"method {m!r}" for b in blocks for m in b.methods for o in METHODS[m].overrides()})
     taken = [(key(o), owned[key(o)]) for o in overrides if key(o) in owned]
     if taken:
-        raise ValueError(f"override {taken[0][0]} is set by the grid's {taken[0][1]} (and would be ignored); choose "
+        raise InputError(f"override {taken[0][0]} is set by the grid's {taken[0][1]} (and would be ignored); choose "
                          "another grid or setting, or a YAML grid file with your own settings")
 
 
 def _load_yaml_grid(path: Path) -> tuple[tuple[Block, ...], tuple[str, ...], list]:
     if not path.is_file():
-        raise ValueError(f"grid file not found: {path}")
+        raise InputError(f"grid file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"grid file {path} is not valid UTF-8 YAML: {str(e).splitlines()[0]}") from None
+        raise InputError(f"grid file {path} is not valid UTF-8 YAML: {str(e).splitlines()[0]}") from None
     try:
         blocks = []
         for b in data["blocks"]:
@@ -268,7 +272,7 @@ def _load_yaml_grid(path: Path) -> tuple[tuple[Block, ...], tuple[str, ...], lis
             blocks.append(Block(b["name"], b.get("claims", ""), tuple(b["methods"]), tuple(b["settings"]),
                                 tuple(range(seeds)) if isinstance(seeds, int) else tuple(int(s) for s in seeds)))
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"grid file {path}: each block needs name, methods, settings ({e})") from None
+        raise InputError(f"grid file {path}: each block needs name, methods, settings ({e})") from None
     return tuple(blocks), GRID_BASE + tuple(data.get("base", [])), list(data.get("claims", []))
 
 

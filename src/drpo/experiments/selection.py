@@ -22,6 +22,7 @@ from pathlib import Path
 
 from drpo.experiments.study import LR_EXTENSION, LR_LADDER, SETTINGS, STALE_LADDER, Cell
 from drpo.experiments.results import load_runs
+from drpo.utils.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ def pg_is_collapses(map_dir: Path) -> dict[str, tuple[int, int]]:
     manifest, done, pending = load_runs(map_dir)
     waiting = [s for s in pending if "/pg_is/" in s]
     if waiting:
-        raise ValueError(f"the stability map in {map_dir} has PG-IS runs that have not ended ({waiting[:3]}...); "
+        raise InputError(f"the stability map in {map_dir} has PG-IS runs that have not ended ({waiting[:3]}...); "
                          "finish it (run its drpo compare again) before choosing stage 2's cells")
     counts: dict[str, tuple[int, int]] = {}
     for r in done:
@@ -44,7 +45,7 @@ def pg_is_collapses(map_dir: Path) -> dict[str, tuple[int, int]]:
             k, n = counts.get(r.setting, (0, 0))
             counts[r.setting] = (k + r.collapsed, n + 1)
     if not counts:
-        raise ValueError(f"the grid in {map_dir} has no PG-IS runs: the stage-2 rule needs them (is it a --grid map folder?)")
+        raise InputError(f"the grid in {map_dir} has no PG-IS runs: the stage-2 rule needs them (is it a --grid map folder?)")
     return counts
 
 
@@ -88,7 +89,7 @@ def choose_cells(map_dir: Path) -> Choice:
         return Choice((a,) + ((b,) if b else ()), True, tuple(notes))
     extended = any(_cell(c).lr == LR_EXTENSION for c in in_map)
     if not extended:
-        raise ValueError(f"no cell of the map in {map_dir} collapses PG-IS in every seed; the rule extends the map "
+        raise InputError(f"no cell of the map in {map_dir} collapses PG-IS in every seed; the rule extends the map "
                          f"first: drpo compare --grid map-ext --out {map_dir} (adds learning rate {LR_EXTENSION:g})")
     most = sorted(counts, key=lambda c: (-counts[c][0], -_cell(c).rank))[:2]
     notes.append("NO POSITIVE CONTROL: no cell of the (extended) map collapses PG-IS in every seed; "

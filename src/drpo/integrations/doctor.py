@@ -12,22 +12,32 @@ overrides and reads (:data:`TRL_TRAPS`).
 
 Every trap found prints one line ``TRAP <id>: <reason>``; the exit status is 1 if any fired.
 Traps are data, ``Trap(id, applies, message)``: ``applies`` is a pure function of facts gathered
-once (:class:`VerlFacts`, :class:`TrlFacts`) and ``message`` a template formatted with them.
+once (:class:`VerlFacts`, :class:`TrlFacts`) and ``message`` a template formatted with them. A fact
+that could not be gathered is None (unknown), and no trap fires on an unknown fact: when the
+overrides do not compose, the doctor says so and reasons about nothing the configuration would have
+said (which trainer, which strategy, ...). The environment's facts come from
+:mod:`drpo.integrations.doctor_probe`, run in a fresh process; TRL's from its compiled code (names
+and constants its methods use, attributes they set), not its source text.
 verl and TRL are imported lazily, inside the commands.
 """
 from __future__ import annotations
 
 import dataclasses
+import dis
 import importlib.metadata
 import inspect
 import json
 import os
 import subprocess
 import sys
+import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import typer
+
+from drpo.utils.errors import first_line
 
 # The versions drpo's plug-ins are written and tested against (pyproject.toml's extras pin the same;
 # tests/test_doctor.py checks they agree).
@@ -112,37 +122,39 @@ def trainer_of(entry: str, use_v1: bool) -> str:
 
 @dataclass(frozen=True)
 class VerlEnv:
-    """What a fresh Python process in this environment sees (see :data:`PROBE_SCRIPT`)."""
+    """What a fresh Python process in this environment sees (:mod:`drpo.integrations.doctor_probe`); None: unknown
+    (or, for ``plugin_error`` and ``import_error``, none)."""
 
-    verl_version: str = ""
-    registered: list = field(default_factory=list)  # drpo loss names in verl's registry
+    verl_version: Optional[str] = None
+    registered: Optional[list] = None  # drpo loss names in verl's registry
     plugin_error: Optional[str] = None  # why they are missing, None if registered
-    transfer_queue: bool = True
+    transfer_queue: Optional[bool] = None
     import_error: Optional[str] = None  # first trainer import that fails
     trl_version: Optional[str] = None
-    trl_value_head: bool = True  # False: TRL present without the class verl's FSDP engine imports
+    trl_value_head: Optional[bool] = None  # False: TRL present without the class verl's FSDP engine imports
 
 
 @dataclass(frozen=True)
 class VerlFacts(VerlEnv):
-    """Environment plus the composed configuration."""
+    """Environment plus the composed configuration; the configuration's facts are None (unknown) when the overrides
+    did not compose."""
 
     entry: str = "main_ppo"
     config_name: str = "ppo_trainer"
-    trainer: str = "v1"
-    trainer_label: str = TRAINER_LABELS["v1"]
+    trainer: Optional[str] = None
+    trainer_label: Optional[str] = None
     compose_error: Optional[str] = None
     actor_config_error: Optional[str] = None
-    loss_mode: str = ""
-    objective: Optional[str] = None  # the drpo objective behind loss_mode, None if not a drpo loss
+    loss_mode: Optional[str] = None
+    objective: Optional[str] = None  # the drpo objective behind loss_mode, None if not a drpo loss (or unknown)
     drpo_params: dict = field(default_factory=dict)
     known_params: list = field(default_factory=list)
     unknown_params: list = field(default_factory=list)
     clip_ratio_overrides: list = field(default_factory=list)
-    bypass_mode: bool = False
+    bypass_mode: Optional[bool] = None
     rollout_correction: list = field(default_factory=list)  # rollout_is / rollout_rs settings in use
-    calculate_log_probs: bool = True
-    strategy: str = "fsdp"
+    calculate_log_probs: Optional[bool] = None
+    strategy: Optional[str] = None
 
 
 VERL_TRAPS: list[Trap] = [
@@ -153,31 +165,31 @@ VERL_TRAPS: list[Trap] = [
          "the overrides do not compose with verl's {config_name} config: {compose_error}"),
     Trap("actor_config_invalid", lambda f: f.actor_config_error is not None,
          "verl cannot build the actor config from these overrides: {actor_config_error}"),
-    Trap("v1_needs_transfer_queue", lambda f: f.trainer == "v1" and not f.transfer_queue,
+    Trap("v1_needs_transfer_queue", lambda f: f.trainer == "v1" and f.transfer_queue is False,
          "trainer.use_v1=True (verl's default) imports transfer_queue, which a plain verl==0.9.1 install "
          "lacks: pip install -e '.[verl]' (adds TransferQueue==0.1.10), or set trainer.use_v1=False"),
     Trap("trainer_cannot_import",
-         lambda f: f.import_error is not None and not (f.trainer == "v1" and not f.transfer_queue),
+         lambda f: f.import_error is not None and not (f.trainer == "v1" and f.transfer_queue is False),
          "{trainer_label} cannot start here: {import_error}; pip install -e '.[verl]' adds what a plain "
          "verl==0.9.1 install leaves out"),
-    Trap("trl_breaks_verl_fsdp", lambda f: not f.trl_value_head and f.strategy in FSDP_STRATEGIES,
+    Trap("trl_breaks_verl_fsdp", lambda f: f.trl_value_head is False and f.strategy in FSDP_STRATEGIES,
          "TRL {trl_version} is installed next to verl: verl's FSDP engine imports "
          "AutoModelForCausalLMWithValueHead from trl, which this TRL lacks, so building the actor fails; "
          "run verl in an environment without drpo[trl]"),
     Trap("bypass_rewrites_loss",
-         lambda f: f.objective is not None and f.bypass_mode and f.trainer in APPLY_BYPASS_TRAINERS,
+         lambda f: f.objective is not None and f.bypass_mode is True and f.trainer in APPLY_BYPASS_TRAINERS,
          "algorithm.rollout_correction.bypass_mode=True with {trainer_label}: verl's apply_bypass_mode "
          "swaps loss_mode={loss_mode} for its own 'bypass_mode' loss in the driver's config (verl 0.9.1's "
          "Ray workers happen to keep {loss_mode}, so the loss that runs hinges on verl internals); use the "
          "v1 trainer (python -m verl.trainer.main_ppo trainer.use_v1=True) or bypass_mode=False with "
          "algorithm.rollout_correction.rollout_is=token"),
     Trap("bypass_ignores_rollout_correction",
-         lambda f: f.objective is not None and f.bypass_mode and bool(f.rollout_correction),
+         lambda f: f.objective is not None and f.bypass_mode is True and bool(f.rollout_correction),
          "{rollout_correction} with bypass_mode=True: verl computes rollout-correction weights only when "
          "bypass_mode=False (or inside its own bypass_mode loss), so {loss_mode} gets none; drop them "
          "(bypass already anchors on the rollout log-probs) or set bypass_mode=False"),
     Trap("rollout_correction_without_log_probs",
-         lambda f: bool(f.rollout_correction) and not f.bypass_mode and not f.calculate_log_probs,
+         lambda f: bool(f.rollout_correction) and f.bypass_mode is False and f.calculate_log_probs is False,
          "{rollout_correction} needs the rollout's log-probs, but actor_rollout_ref.rollout."
          "calculate_log_probs=False: verl then skips rollout correction without a warning"),
     Trap("clip_ratio_ignored", lambda f: f.objective is not None and bool(f.clip_ratio_overrides),
@@ -190,50 +202,15 @@ VERL_TRAPS: list[Trap] = [
 ]
 
 
-# Run as `python -c PROBE_SCRIPT MODULE...` so that the registry is the one a verl worker gets.
-PROBE_SCRIPT = r'''
-import importlib, importlib.util, json, os, sys
-out = {"transfer_queue": importlib.util.find_spec("transfer_queue") is not None}
-import verl
-from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
-out["verl_version"] = verl.__version__
-out["registered"] = sorted(n for n, f in POLICY_LOSS_REGISTRY.items() if hasattr(f, "drpo_objective"))
-if "drpo" not in POLICY_LOSS_REGISTRY:
-    from importlib.metadata import entry_points
-    eps = [ep for ep in entry_points(group="verl.plugins") if ep.name == "drpo"]
-    policy = os.getenv("VERL_USE_EXTERNAL_PLUGINS", "auto").strip().lower()
-    if not eps:
-        out["plugin_error"] = "no 'drpo' entry point in group 'verl.plugins': drpo is not pip-installed here"
-    elif policy == "none" or (policy != "auto" and "drpo" not in policy.split(",")):
-        out["plugin_error"] = f"VERL_USE_EXTERNAL_PLUGINS={policy!r} excludes the 'drpo' plug-in"
-    else:
-        try:
-            eps[0].load()
-            out["plugin_error"] = "the 'drpo' entry point loads, yet verl's import registered nothing"
-        except Exception as e:
-            out["plugin_error"] = f"loading the 'drpo' plug-in raises {type(e).__name__}: {e}"
-for module in sys.argv[1:]:
-    try:
-        importlib.import_module(module)
-    except Exception as e:
-        out["import_error"] = f"import {module} raises {type(e).__name__}: {e}"
-        break
-if importlib.util.find_spec("trl") is not None:
-    out["trl_version"] = importlib.metadata.version("trl")
-    try:
-        from trl.experimental.ppo import AutoModelForCausalLMWithValueHead  # noqa: F401
-    except ImportError:
-        try:
-            from trl import AutoModelForCausalLMWithValueHead  # noqa: F401
-        except ImportError:
-            out["trl_value_head"] = False
-print("PROBE" + json.dumps(out))
-'''
+PROBE = Path(__file__).with_name("doctor_probe.py")
+# runs the probe by path (no import of drpo before verl's registry is read), as the script it is
+RUN_BY_PATH = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
 
 def probe_verl_env(modules: Sequence[str], timeout: float = 300.0) -> VerlEnv:
-    """Run :data:`PROBE_SCRIPT` in a fresh interpreter of this environment."""
-    proc = subprocess.run([sys.executable, "-c", PROBE_SCRIPT, *modules], capture_output=True, text=True,
+    """The environment's facts, from :mod:`drpo.integrations.doctor_probe` in a fresh interpreter of this environment
+    (``modules``: the trainer's imports to try)."""
+    proc = subprocess.run([sys.executable, "-c", RUN_BY_PATH, str(PROBE), *modules], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE")), None)
     if line is None:
@@ -265,9 +242,9 @@ def clip_ratio_overrides(overrides: Sequence[str]) -> list[str]:
             and override_key(o).rsplit(".", 1)[-1].startswith("clip_ratio")]
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines() or [""]
-    return f"{type(error).__name__}: {text[0]}"
+def _typed_line(error: BaseException) -> str:
+    """``Type: first line of the message``."""
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def config_facts(cfg: Any, entry: str, overrides: Sequence[str]) -> dict[str, Any]:
@@ -288,7 +265,7 @@ def config_facts(cfg: Any, entry: str, overrides: Sequence[str]) -> dict[str, An
         omega_conf_to_dataclass(actor)
         actor_error = None
     except Exception as e:  # verl raises assertion, type and instantiation errors alike
-        actor_error = _first_line(e.__cause__ or e)
+        actor_error = _typed_line(e.__cause__ or e)
     trainer = trainer_of(entry, bool(cfg.trainer.get("use_v1", False)))
     return dict(
         entry=entry, config_name=ENTRIES[entry].config_name, trainer=trainer, trainer_label=TRAINER_LABELS[trainer],
@@ -311,10 +288,10 @@ def verl_facts(entry: str, overrides: Sequence[str], env: Optional[VerlEnv] = No
         raise ValueError(f"unknown verl entry {entry!r}; known: {sorted(ENTRIES)}")
     try:
         cfg = compose_verl_config(entry, overrides)
-    except Exception as e:
-        env = env or probe_verl_env(TRAINER_IMPORTS[trainer_of(entry, True)])
+    except Exception as e:  # noqa: BLE001 -- Hydra and OmegaConf raise many types; each is the user's overrides
+        env = env or probe_verl_env([])  # which trainer would run is unknown: none of its imports is tried
         return VerlFacts(**dataclasses.asdict(env), entry=entry, config_name=ENTRIES[entry].config_name,
-                         compose_error=_first_line(e))
+                         clip_ratio_overrides=clip_ratio_overrides(overrides), compose_error=_typed_line(e))
     conf = config_facts(cfg, entry, overrides)
     env = env or probe_verl_env(TRAINER_IMPORTS[conf["trainer"]])
     return VerlFacts(**dataclasses.asdict(env), **conf)
@@ -359,27 +336,64 @@ TRL_TRAPS: list[Trap] = [
 ]
 
 
+def _codes(fn: Callable) -> Iterator[types.CodeType]:
+    """The compiled code of ``fn`` (past its decorators) and of every function defined inside it."""
+    stack = [inspect.unwrap(fn).__code__]
+    while stack:
+        code = stack.pop()
+        yield code
+        stack += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+
+
+def names_used(fn: Callable) -> set[str]:
+    """The global and attribute names ``fn``'s code refers to (``self._compute_loss(...)``: ``_compute_loss``)."""
+    return {name for code in _codes(fn) for name in code.co_names}
+
+
+def strings_in(fn: Callable) -> set[str]:
+    """The string constants of ``fn``'s code (a dict literal's keys among them)."""
+    out: set[str] = set()
+    for code in _codes(fn):
+        todo = list(code.co_consts)
+        while todo:
+            c = todo.pop()
+            if isinstance(c, str):
+                out.add(c)
+            elif isinstance(c, (tuple, frozenset)):
+                todo += list(c)
+    return out
+
+
+def attributes_set(cls: type) -> set[str]:
+    """The attributes the methods of ``cls`` and of its bases from the same package assign (``self.x = ...``)."""
+    package = cls.__module__.split(".")[0]
+    methods = [f for klass in cls.__mro__ if klass.__module__.split(".")[0] == package
+               for f in vars(klass).values() if inspect.isfunction(f)]
+    return {ins.argval for f in methods for code in _codes(f) for ins in dis.get_instructions(code)
+            if ins.opname == "STORE_ATTR"}
+
+
 def trl_facts() -> TrlFacts:
-    """Inspect the installed TRL's GRPOTrainer against :mod:`drpo.integrations.trl`'s contract."""
+    """Inspect the installed TRL's GRPOTrainer against :mod:`drpo.integrations.trl`'s contract, from its compiled
+    code (what its methods call, the keys they build, the attributes they set)."""
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
     from trl import GRPOTrainer
-    from trl.trainer import grpo_trainer
 
     from drpo.integrations import trl as ours
 
     version = importlib.metadata.version("trl")
     logps = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
-    produce = inspect.getsource(GRPOTrainer._generate_and_score_completions)
-    module_source = inspect.getsource(grpo_trainer)
+    produced = strings_in(GRPOTrainer._generate_and_score_completions)
+    assigned = attributes_set(GRPOTrainer)
     return TrlFacts(
         trl_version=version,
         version_ok=Version(version) in SpecifierSet(SUPPORTED_TRL),
         compute_loss_params=list(inspect.signature(GRPOTrainer._compute_loss).parameters),
-        dispatches_to_compute_loss="self._compute_loss(" in inspect.getsource(GRPOTrainer.compute_loss),
+        dispatches_to_compute_loss="_compute_loss" in names_used(GRPOTrainer.compute_loss),
         logps_params_missing=[p for p in ours.LOGPS_PARAMS if p not in logps],
-        inputs_not_produced=[k for k in ours.INPUT_KEYS + ours.OPTIONAL_INPUT_KEYS if f'"{k}"' not in produce],
-        attributes_missing=[a for a in ours.TRAINER_ATTRIBUTES if f"self.{a} =" not in module_source],
+        inputs_not_produced=[k for k in ours.INPUT_KEYS + ours.OPTIONAL_INPUT_KEYS if k not in produced],
+        attributes_missing=[a for a in ours.TRAINER_ATTRIBUTES if a not in assigned],
     )
 
 
@@ -421,8 +435,9 @@ def doctor_verl(
     overrides = list(overrides or [])
     facts = verl_facts(entry, overrides)
     typer.echo(_versions(["drpo", "verl", "torch", "transformers", "ray", "TransferQueue", "vllm", "trl"]))
-    typer.echo(f"drpo losses registered in verl (fresh process): {', '.join(facts.registered) or 'none'}")
-    typer.echo(f"entry: python -m {ENTRIES[entry].module} -> {facts.trainer_label}")
+    typer.echo(f"drpo losses registered in verl (fresh process): {', '.join(facts.registered or []) or 'none'}")
+    typer.echo(f"entry: python -m {ENTRIES[entry].module} -> "
+               f"{facts.trainer_label or 'unknown (the overrides do not compose)'}")
     if facts.compose_error is None:
         objective = f"drpo objective {facts.objective!r}, drpo_params {facts.drpo_params}" if facts.objective \
             else "not a drpo loss: drpo's config checks skipped"

@@ -1,14 +1,23 @@
-"""Loading the policy: a built-in tiny model, a local folder, or a hub id.
+"""Loading the policy: a named model, a local folder, or a hub id.
 
-``builtin`` (dense Qwen3) and ``builtin-moe`` (Qwen3-MoE) are warm-started models shipped with the
-package (``drpo/data/models/<name>``, written with ``save_pretrained``; ``warmstart.json`` in each says
-how it was made and ``drpo warmstart`` makes it again); from there the code path is the one a hub id or
-any local checkpoint takes: ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained``.
+Named models:
+
+    builtin, builtin-moe  tiny warm-started Qwen3 / Qwen3-MoE shipped with the package
+                          (``drpo/data/models/<name>``; ``warmstart.json`` in each says how it was made and
+                          ``drpo warmstart`` makes it again)
+    smollm2-135m          SmolLM2-135M-Instruct, from a GGUF file in a PyPI package, converted on first use
+                          into the cache (:mod:`drpo.models.packaged`)
+    smollm2-135m-arith    smollm2-135m after the supervised warm start on the arithmetic task, made on
+                          this machine by ``drpo warmstart --model smollm2-135m-arith`` and cached
+
+Each resolves to a ``save_pretrained`` folder; from there the code path is the one a hub id or any local
+checkpoint takes: ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained``.
 
 Mistakes get one clear line (:class:`ModelLoadError`): a folder that does not exist, a folder that
 is not a ``save_pretrained`` folder, a hub id when the hub cannot be reached (said at once, instead
 of minutes of retries), a config.json that is not valid, a weight file that is truncated or
-corrupt, weights that do not match config.json (a changed ``hidden_size`` or layer count). The
+corrupt, weight files that are pickles (``pytorch_model.bin``: loading one could run code; only
+safetensors are read), weights that do not match config.json (a changed ``hidden_size`` or layer count). The
 last is checked here: transformers only warns about weights missing from the files or left unused
 (and re-initialises the missing ones at random), which would train a different model than meant.
 """
@@ -31,14 +40,16 @@ try:
 except ImportError:  # pragma: no cover -- older huggingface_hub
     StrictDataclassError = ValueError  # type: ignore[misc,assignment]
 
+from drpo.models.errors import ModelLoadError
 from drpo.models.moe import use_library_experts_
+from drpo.models.packaged import PACKAGED_MODELS, WARM_STARTED_MODELS, packaged_model_dir, warm_started_model_dir
+from drpo.utils.errors import first_line
 
 BUILTIN_MODELS = ("builtin", "builtin-moe")
 HUB_HOST = ("huggingface.co", 443)
 
 
-class ModelLoadError(ValueError):
-    """The model named in the config cannot be loaded; the message says why and what to do."""
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # weight files torch.load would unpickle
 
 
 def builtin_dir(name: str) -> Path:
@@ -47,7 +58,13 @@ def builtin_dir(name: str) -> Path:
 
 
 def resolve_model(model: str) -> str:
-    """The folder of ``model``: a built-in model's shipped folder, else ``model`` itself."""
+    """The folder of ``model``: a built-in model's shipped folder, a packaged model's converted folder
+    (:mod:`drpo.models.packaged`, converted on first use), a warm-started one's cached folder, else
+    ``model`` itself."""
+    if model in PACKAGED_MODELS:
+        return str(packaged_model_dir(model))
+    if model in WARM_STARTED_MODELS:
+        return str(warm_started_model_dir(model))
     if model in BUILTIN_MODELS:
         path = builtin_dir(model)
         if not (path / "model.safetensors").is_file():
@@ -75,13 +92,19 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 
 def check_model_source(model: str) -> None:
     """Fail fast, in one line, when ``model`` can obviously not be loaded."""
-    if model in BUILTIN_MODELS:
+    if model in BUILTIN_MODELS or model in PACKAGED_MODELS or model in WARM_STARTED_MODELS:
         return
     p = Path(model).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"model folder {model!r} has no config.json: pass a folder written by "
                                  "save_pretrained (a checkpoint of `drpo train`, or a downloaded model)")
+        if not weight_files(p):
+            pickles = sorted(f for pattern in PICKLE_WEIGHTS for f in p.glob(pattern))
+            if pickles:
+                raise ModelLoadError(f"{pickles[0]} is a pickle (torch.save), which could run code when loaded; drpo "
+                                     "reads weights only from safetensors: save the model with save_pretrained "
+                                     "(safe_serialization=True) where you trust it")
         if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             raise ModelLoadError(f"model folder {model!r} has no tokenizer (tokenizer.json / "
                                  "tokenizer_config.json): save the tokenizer with save_pretrained too")
@@ -100,12 +123,6 @@ def check_model_source(model: str) -> None:
             "hub cannot be reached (offline); download it elsewhere and pass its folder with --model PATH")
 
 
-def _first_line(error: BaseException) -> str:
-    """The first non-empty line of an error's message (its type when it has none)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 def check_config(model: str, path: str) -> None:
     """Raise :class:`ModelLoadError` when the config.json of ``path`` cannot be read or is not valid."""
     try:
@@ -114,7 +131,7 @@ def check_config(model: str, path: str) -> None:
         # transformers 5 validates configs in a dataclass: the real reason is the cause's message
         reason = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ is not None else e
         where = f"config.json in {path}" if Path(path).is_dir() else f"the config.json of {model!r}"
-        raise ModelLoadError(f"{where} is not valid: {_first_line(reason)}") from None
+        raise ModelLoadError(f"{where} is not valid: {first_line(reason)}") from None
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -126,7 +143,7 @@ def weight_files(folder: Path) -> list[Path]:
         try:
             shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
         except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise ModelLoadError(f"{index.name} in {folder} is not a valid shard index ({_first_line(e)}); "
+            raise ModelLoadError(f"{index.name} in {folder} is not a valid shard index ({first_line(e)}); "
                                  "copy or save the model again") from None
         return [folder / name for name in sorted(set(shards))]
     single = folder / "model.safetensors"
@@ -144,7 +161,7 @@ def check_weight_files(folder: Path) -> None:
             with safe_open(str(file), framework="pt") as handle:
                 handle.keys()
         except Exception as e:  # noqa: BLE001 -- safetensors raises its own error type, or OSError
-            raise ModelLoadError(f"{file.name} in {folder} is truncated or corrupt ({_first_line(e)}); "
+            raise ModelLoadError(f"{file.name} in {folder} is truncated or corrupt ({first_line(e)}); "
                                  "copy or save it again") from None
 
 
@@ -199,6 +216,14 @@ def weights_mismatch(info: dict[str, Any]) -> str | None:
     return None
 
 
+def model_from_config(config) -> torch.nn.Module:
+    """A float32 causal LM of ``config`` with fresh weights, set up as :func:`load_policy` sets up a loaded one (the
+    MoE experts implementation): what a process that receives the policy's weights builds them into."""
+    net = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    use_library_experts_(net)
+    return net
+
+
 def load_policy(model: str):
     """(tokenizer, float32 causal LM) for ``model`` = a built-in name, a folder, or a hub id.
 
@@ -221,12 +246,12 @@ def load_policy(model: str):
         # of raising a RuntimeError that points at the table
         with _held_load_reports() as held:
             net, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, ignore_mismatched_sizes=True,
-                                                             output_loading_info=True)
+                                                             output_loading_info=True, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the model {model!r} (from {path!r}): {str(e).splitlines()[0]}") from None
     except SafetensorError as e:  # a hub model's file (a local folder's files are checked above)
         raise ModelLoadError(f"a weight file of {model!r} (from {path!r}) is truncated or corrupt "
-                             f"({_first_line(e)}); download it again") from None
+                             f"({first_line(e)}); download it again") from None
     problem = weights_mismatch(info)
     if problem is not None:
         raise ModelLoadError(f"{path}: weights do not match config.json: {problem}; use the config.json the "
@@ -239,6 +264,24 @@ def load_policy(model: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, net
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights of a ``save_pretrained`` folder (one safetensors file or its shards), read fully: a missing,
+    truncated or corrupt file is a :class:`ModelLoadError` naming it."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    files = weight_files(folder)
+    if not files:
+        raise ModelLoadError(f"{folder} holds no model.safetensors (nor a shard index)")
+    out: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            out.update(load_file(str(file)))
+        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error type, or OSError
+            raise ModelLoadError(f"{file.name} in {folder} is missing, truncated or corrupt ({first_line(e)})") from None
+    return out
 
 
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

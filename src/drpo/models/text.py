@@ -11,6 +11,9 @@ from typing import Optional, Protocol
 
 import torch
 
+from drpo.utils.config import ConfigError
+from drpo.utils.errors import UserError
+
 
 class Prompted(Protocol):
     """What :meth:`TextCodec.encode_example` reads of an example (``drpo.tasks.Example`` has it)."""
@@ -20,7 +23,11 @@ class Prompted(Protocol):
     source: str
 
 
-class PromptTooLong(ValueError):
+class PromptError(UserError, ValueError):
+    """A prompt the run cannot use: empty after tokenisation, or too long (:class:`PromptTooLong`)."""
+
+
+class PromptTooLong(PromptError):
     """A prompt has more tokens than the run allows."""
 
 
@@ -30,15 +37,15 @@ class TextCodec:
                   max_new_tokens: int) -> "TextCodec":
         """A codec whose prompt limit is ``max_prompt_tokens`` (task.max_prompt_tokens), checked against the
         model's positions; by default all the positions that ``max_new_tokens`` (rollout.max_new_tokens)
-        leaves. Impossible limits are a ValueError naming the keys."""
+        leaves. Impossible limits are a ConfigError (a ValueError) naming the keys."""
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         limit, source = max_prompt_tokens, "task.max_prompt_tokens"
         if positions is not None:
             if max_new_tokens >= positions:
-                raise ValueError(f"rollout.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                raise ConfigError(f"rollout.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                                  f"{positions} positions")
             if limit is not None and limit + max_new_tokens > positions:
-                raise ValueError(f"task.max_prompt_tokens={limit} + rollout.max_new_tokens={max_new_tokens} exceeds "
+                raise ConfigError(f"task.max_prompt_tokens={limit} + rollout.max_new_tokens={max_new_tokens} exceeds "
                                  f"the model's {positions} positions (max_position_embeddings); lower "
                                  f"task.max_prompt_tokens to at most {positions - max_new_tokens}")
             if limit is None:
@@ -60,7 +67,7 @@ class TextCodec:
     def encode(self, prompt: str, name: str = "", *, source: str = "") -> list[int]:
         """Token ids of ``prompt``; errors name it by ``source`` (where it was read, e.g.
         ``data.jsonl line 7``) when given, else by ``name`` (e.g. the example id), else by its start.
-        Raises :class:`PromptTooLong` over the limit, ValueError when it has no tokens."""
+        Raises :class:`PromptTooLong` over the limit, :class:`PromptError` when it has no tokens."""
         if self.chat_template:
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                      add_generation_prompt=True, tokenize=True)
@@ -69,7 +76,7 @@ class TextCodec:
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         what = f"{source}: prompt" if source else f"prompt {name or repr(prompt[:40])}"
         if not ids:
-            raise ValueError(f"{what} is empty after tokenisation")
+            raise PromptError(f"{what} is empty after tokenisation")
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
             raise PromptTooLong(f"{what} has {len(ids)} tokens, over {self.limit_source}={self.max_prompt_tokens}; "
                                 f"shorten or remove that {'row' if source else 'prompt'}, or raise the limit")

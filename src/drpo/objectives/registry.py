@@ -28,6 +28,8 @@ from typing import Any, Callable, Optional
 import torch
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
+from drpo.utils.registry import Registry
+
 LOG_RATIO_CLAMP = 20.0  # |log r| is clamped here everywhere (ratio, rollout correction): exp stays finite
 
 
@@ -179,7 +181,7 @@ def dummy_inputs() -> TokenInputs:
                        topk_ids=torch.zeros(1, 1, 1, dtype=torch.long), sampled_ids=torch.zeros(1, 1, dtype=torch.long))
 
 
-_REGISTRY: dict[str, Objective] = {}
+OBJECTIVES: Registry[Objective] = Registry("objective", same=lambda a, b: a.fn is b.fn)
 
 
 def register_objective(name: str, **preset: Any) -> Callable[[ObjectiveFn], ObjectiveFn]:
@@ -197,23 +199,19 @@ def register_preset(name: str, fn: ObjectiveFn | str, doc: str = "", **preset: A
     if isinstance(fn, str):
         base = get_objective(fn)
         fn, preset = base.fn, {**base.preset, **preset}
-    if name in _REGISTRY and _REGISTRY[name].fn is not fn:
-        raise ValueError(f"objective {name!r} is already registered")
     obj = Objective(name=name, fn=fn, preset=dict(preset), doc=doc or (fn.__doc__ or "").strip())
     obj.resolve_params({})  # a preset naming a parameter the function lacks fails here
-    _REGISTRY[name] = obj
+    if name in OBJECTIVES and OBJECTIVES.same(OBJECTIVES[name], obj):
+        OBJECTIVES.pop(name)  # the same function again, with this preset
+    OBJECTIVES.add(name, obj)
 
 
 def get_objective(name: str) -> Objective:
-    """The registered objective ``name``; ValueError listing the known names otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown objective {name!r}; known objectives: {sorted(_REGISTRY)}"
-        ) from None
+    """The registered objective ``name``; :class:`~drpo.utils.registry.UnknownName` (a ValueError) listing the known
+    names otherwise."""
+    return OBJECTIVES[name]
 
 
 def list_objectives() -> list[str]:
     """Names of every registered objective and preset, sorted."""
-    return sorted(_REGISTRY)
+    return OBJECTIVES.names()

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from drpo.rewards.verify import verify
 from drpo.tasks.base import Example
+from drpo.utils.registry import Registry
 
 RewardFn = Callable[[Example, str], float]
 
@@ -43,21 +44,15 @@ def math_reward(example: Example, response: str) -> float:
     return 1.0 if verify(response, example.answer) else 0.0
 
 
-REWARDS: dict[str, RewardFn] = {"math": math_reward}
+REWARDS: Registry[RewardFn] = Registry("reward", hint=", or give 'package.module:function'")
+REWARDS.add("math", math_reward)
 
 
-def register_reward(name: str):
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     """Decorator registering a reward function under ``name`` (then ``task.reward=<name>``).
     The rollout worker process of an asynchronous run imports rewards afresh: register yours in a
     module it imports, or give the import path instead."""
-
-    def deco(fn: RewardFn) -> RewardFn:
-        if name in REWARDS and REWARDS[name] is not fn:
-            raise ValueError(f"reward {name!r} is already registered")
-        REWARDS[name] = fn
-        return fn
-
-    return deco
+    return REWARDS.register(name)
 
 
 class RewardError(RuntimeError):
@@ -89,11 +84,6 @@ class RewardStats:
     n_errors: int
     mean: float
     first_error: Optional[str] = None
-
-    @property
-    def all_failed(self) -> bool:
-        """True when the batch is not empty and every call failed."""
-        return self.n > 0 and self.n_errors == self.n
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -297,12 +287,8 @@ def get_reward(spec: str | RewardFn) -> RewardFn:
         raise ValueError(
             f"reward spec must be a name, 'module:function' or a callable, got {spec!r}"
         )
-    if spec in REWARDS:
-        return REWARDS[spec]
-    if ":" not in spec:
-        raise ValueError(
-            f"unknown reward {spec!r}; known: {sorted(REWARDS)}, or give 'package.module:function'"
-        )
+    if spec in REWARDS or ":" not in spec:
+        return REWARDS[spec]  # an unknown name: UnknownName, listing the known ones
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"reward path {spec!r} must look like 'package.module:function'")

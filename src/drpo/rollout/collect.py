@@ -36,11 +36,6 @@ class Collected:
     seconds: dict[str, float] = field(default_factory=dict)  # time/rollout, time/reward
     reward_error: Optional[str] = None
 
-    @property
-    def all_rewards_failed(self) -> bool:
-        """Every reward call of the batch failed (its rewards are all the 0.0 of errors)."""
-        return len(self.rewards) > 0 and self.reward_errors == len(self.rewards)
-
 
 class Collector:
     """``reward_timeout``: seconds per reward call (``task.reward_timeout``; None or 0: no limit); a

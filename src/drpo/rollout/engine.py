@@ -1,7 +1,7 @@
 """The rollout engine: batched KV-cached sampling that returns its OWN log-probs mu.
 
-The engine keeps a private copy of the policy at its own precision (fp32 / bf16 / simulated FP8,
-see :mod:`drpo.rollout.precision`), independent of the trainer's, exactly like vLLM/SGLang next
+The engine keeps a private copy of the policy at its own precision (fp32 / bf16 / simulated FP8 /
+simulated 4-bit: NVFP4 and weight-only INT4, see :mod:`drpo.rollout.precision`), independent of the trainer's, exactly like vLLM/SGLang next
 to an FSDP trainer. After each optimiser step the trainer calls :meth:`HFRolloutEngine.sync` to
 copy its weights in (and re-quantise them).
 
@@ -22,9 +22,10 @@ from torch import nn
 
 from drpo.models.moe import assemble, is_moe, record_routing
 from drpo.rollout.precision import PRECISIONS, quantize_weights_, use_bf16_compute_
+from drpo.utils.errors import UserError
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailable(UserError, RuntimeError):
     """The rollout engine named in the config cannot run here (e.g. vLLM is not installed)."""
 
 
@@ -83,9 +84,19 @@ class RolloutBatch:
 
         return RolloutBatch(**{f.name: cut(f.name, getattr(self, f.name)) for f in fields(self)})
 
-    def by_length(self, rows: torch.Tensor) -> torch.Tensor:
-        """``rows`` ordered by (prompt length, response length), so that consecutive rows pad little."""
-        key = self.prompt_mask[rows].sum(-1) * (self.response_mask.shape[1] + 1) + self.response_mask[rows].sum(-1)
+    def pad_responses(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (N, r, ...), computed on :meth:`compact`'s response columns, back to this batch's R columns (zeros
+        on the columns compact dropped)."""
+        return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, self.response_ids.shape[1] - x.shape[1]))
+
+    def by_length(self, rows: torch.Tensor, by_prompt: bool = True) -> torch.Tensor:
+        """``rows`` ordered by (prompt length, prompt, response length): consecutive rows pad little, and the rows
+        of one prompt are adjacent, so that a micro-batch can run each prompt once (drpo.training.logprobs). With
+        ``by_prompt=False``: by (prompt length, response length) only."""
+        R = self.response_mask.shape[1] + 1
+        n = int(self.prompt_index.max()) + 1 if by_prompt and len(self) else 1
+        prompt = self.prompt_index[rows] if by_prompt else 0
+        key = (self.prompt_mask[rows].sum(-1) * n + prompt) * R + self.response_mask[rows].sum(-1)
         return rows[torch.sort(key, stable=True).indices]
 
     def select(self, idx: torch.Tensor) -> "RolloutBatch":
@@ -170,6 +181,9 @@ class HFRolloutEngine:
         out = _concat(parts, self.pad_id)
         out.prompt_index = torch.tensor(rows, dtype=torch.long)
         return out
+
+    def close(self) -> None:
+        """Nothing to release: the engine holds tensors only (vLLM's engine has more)."""
 
     def _generate_chunk(self, prompts, params: SamplingParams, generator) -> RolloutBatch:
         if not self.moe:

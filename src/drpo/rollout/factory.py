@@ -1,10 +1,27 @@
-"""Pick the rollout engine named in the config: the built-in HF sampler, or vLLM."""
+"""Pick the rollout engine named in the config: the built-in HF sampler, or vLLM. Both are an :class:`Engine`."""
 from __future__ import annotations
 
+from typing import Optional, Protocol, Sequence
+
+import torch
 from torch import nn
 
 from drpo.rollout.config import RolloutConfig
-from drpo.rollout.engine import EngineUnavailable, HFRolloutEngine
+from drpo.rollout.engine import EngineUnavailable, HFRolloutEngine, RolloutBatch, SamplingParams
+
+
+class Engine(Protocol):
+    """A rollout engine: its own copy of the policy (at its precision) that samples and returns its log-probs mu.
+
+    sync(model)                      copy ``model``'s weights in
+    generate(prompts, p, generator)  samples of token-id ``prompts`` (a :class:`RolloutBatch`)
+    close()                          release what it holds (vLLM's engine and memory)
+    """
+
+    def sync(self, model: nn.Module) -> None: ...
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 generator: Optional[torch.Generator] = None) -> RolloutBatch: ...
+    def close(self) -> None: ...
 
 
 def require_vllm() -> None:
@@ -23,7 +40,7 @@ def require_engine(engine: str) -> None:
         require_vllm()
 
 
-def make_engine(cfg: RolloutConfig, model: nn.Module, *, eos_id: int, pad_id: int, seed: int = 0):
+def make_engine(cfg: RolloutConfig, model: nn.Module, *, eos_id: int, pad_id: int, seed: int = 0) -> Engine:
     if cfg.engine == "vllm":
         from drpo.rollout.vllm_engine import VLLMEngine
 

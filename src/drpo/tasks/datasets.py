@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from drpo.tasks.base import Example
+from drpo.utils.errors import InputError
 
 DEFAULT_TEMPLATE = (
     "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
@@ -25,13 +26,13 @@ def _format_answer(value: Any, field: str, line_no: int) -> str:
     """Gold answer as a string: numbers are converted (``27.0`` -> ``"27.0"``); None, empty
     strings and other types are errors naming the line."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(
+        raise InputError(
             f"line {line_no}: answer field {field!r} must be a string or number, "
             f"got {type(value).__name__}"
         )
     answer = str(value).strip()
     if not answer:
-        raise ValueError(f"line {line_no}: answer field {field!r} is empty")
+        raise InputError(f"line {line_no}: answer field {field!r} is empty")
     return answer
 
 
@@ -39,11 +40,11 @@ def _check_template(template: str) -> None:
     """A template is a ``str.format`` string with one field, ``{question}`` (literal braces
     doubled, as in ``\\boxed{{}}``)."""
     if not isinstance(template, str) or "{question}" not in template:
-        raise ValueError(f"template must contain '{{question}}', got {template!r}")
+        raise InputError(f"template must contain '{{question}}', got {template!r}")
     try:
         template.format(question="")
     except (KeyError, IndexError, ValueError) as error:
-        raise ValueError(
+        raise InputError(
             f"template {template!r} is not a valid format string with only {{question}} "
             f"(double literal braces: '{{{{}}}}'): {error!r}"
         ) from error
@@ -83,7 +84,7 @@ def load_jsonl(
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     if not path.is_file():
-        raise ValueError(f"dataset file not found: {path}")
+        raise InputError(f"dataset file not found: {path}")
     examples: list[Example] = []
     # undecodable bytes become lone surrogates (which valid UTF-8 never gives), so that the line
     # holding one is known exactly
@@ -93,7 +94,7 @@ def load_jsonl(
                 break
             bad = _NOT_UTF8.search(line)
             if bad is not None:
-                raise ValueError(
+                raise InputError(
                     f"{path}: line {line_no} is not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at "
                     f"character {bad.start() + 1}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
             if not line.strip():
@@ -101,18 +102,18 @@ def load_jsonl(
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {line_no} is not valid JSON ({error})") from error
+                raise InputError(f"{path}: line {line_no} is not valid JSON ({error})") from error
             if not isinstance(row, dict):
-                raise ValueError(f"{path}: line {line_no} is a {type(row).__name__}, not an object")
+                raise InputError(f"{path}: line {line_no} is a {type(row).__name__}, not an object")
             for field in (question_field, answer_field) + ((id_field,) if id_field else ()):
                 if field not in row:
-                    raise ValueError(
+                    raise InputError(
                         f"{path}: line {line_no} has no field {field!r}; "
                         f"fields present: {sorted(row)}"
                     )
             question = row[question_field]
             if not isinstance(question, str) or not question.strip():
-                raise ValueError(
+                raise InputError(
                     f"{path}: line {line_no}: question field {question_field!r} "
                     "is not a non-empty string"
                 )
@@ -121,7 +122,7 @@ def load_jsonl(
                 if answer_fn is not None:
                     answer = answer_fn(answer)
             except ValueError as error:
-                raise ValueError(f"{path}: {error}") from error
+                raise InputError(f"{path}: {error}") from error
             meta = {k: v for k, v in row.items() if k != question_field}
             examples.append(
                 Example(
@@ -133,7 +134,7 @@ def load_jsonl(
                 )
             )
     if not examples:
-        raise ValueError(f"dataset file has no rows: {path}")
+        raise InputError(f"dataset file has no rows: {path}")
     return examples
 
 

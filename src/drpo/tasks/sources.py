@@ -11,6 +11,7 @@ from typing import Protocol, Sequence
 
 from drpo.tasks.base import Example
 from drpo.tasks.config import TaskConfig
+from drpo.utils.errors import InputError
 from drpo.utils.seeding import SALT_DATA_ORDER, SALT_TRAIN_PROMPTS, step_seed
 
 
@@ -42,7 +43,7 @@ class ArithmeticPrompts:
 class JsonlPrompts:
     def __init__(self, train: Sequence[Example], heldout: Sequence[Example], seed: int) -> None:
         if not train:
-            raise ValueError("the training dataset is empty")
+            raise InputError("the training dataset is empty")
         self.train, self._heldout, self.seed = list(train), list(heldout), seed
         self._orders: dict[int, list[int]] = {}
 

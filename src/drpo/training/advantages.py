@@ -21,27 +21,20 @@ from typing import Callable
 
 import torch
 
+from drpo.utils.registry import Registry
+
 AdvantageFn = Callable[..., torch.Tensor]
-ADVANTAGES: dict[str, AdvantageFn] = {}
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
 
 
 def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
     """Decorator registering an estimator ``fn(R (P, G), *, std_normalize, eps) -> A (P, G)``."""
-
-    def deco(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGES and ADVANTAGES[name] is not fn:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGES[name] = fn
-        return fn
-
-    return deco
+    return ADVANTAGES.register(name)
 
 
 def get_advantage(name: str) -> AdvantageFn:
-    try:
-        return ADVANTAGES[name]
-    except KeyError:
-        raise ValueError(f"unknown advantage estimator {name!r}; known: {sorted(ADVANTAGES)}") from None
+    """The registered estimator ``name`` (an unknown name: a ValueError listing the known ones)."""
+    return ADVANTAGES[name]
 
 
 @register_advantage("grpo")

@@ -49,6 +49,12 @@ class TrainConfig(StrictConfig):
     # None keeps the verifier's reward for it
     overlong_reward: Optional[float] = None
     chunk_size: int = Field(1024, ge=1)
+    # the rows of one prompt share its forward pass (drpo.training.logprobs): the same numbers up to rounding, the
+    # prompt's cost paid once per group instead of once per sample; dense models (an MoE runs plainly)
+    share_prompts: bool = True
+    # AdamW's fused kernel (torch.optim.AdamW(fused=True)): one pass over the weights instead of a loop of ops per
+    # tensor (measured 7x faster on a 108M-parameter model, 1 thread); the same update up to float rounding
+    fused_optimizer: bool = True
     # MoE models: the trainer's forward uses the experts the rollout engine chose (routing replay)
     routing_replay: bool = False
     # stop a run that collapsed beyond recovery (drpo.training.collapse), status 'collapsed'
@@ -63,13 +69,18 @@ class TrainConfig(StrictConfig):
         return v
 
 
+# Keys added after runs were made without them, with the value that computes as those runs did: a saved run
+# configuration that lacks a key had this behaviour (resuming such a run, drpo.training.resume, reads it so)
+LEGACY_DEFAULTS: dict[str, Any] = {"train.share_prompts": False, "train.fused_optimizer": False}
+
+
 class RunConfig(StrictConfig):
     seed: int = 0
     model: str = "builtin"
     out: Optional[str] = None  # default: runs/<objective>-<date-time>
     device: str = "cpu"
-    # torch threads per process (None: torch's default; with rollout.staleness >= 1, half the cores
-    # each for the trainer and the rollout worker)
+    # torch threads per process (None: the cores that are free at start, split between the trainer and the
+    # rollout worker when rollout.staleness >= 1; a resumed run keeps its count: drpo.training.threads)
     threads: Optional[int] = Field(None, ge=1)
     save_every: int = Field(50, ge=0)
     tensorboard: bool = True
@@ -189,9 +200,25 @@ def validate_config(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"config error: {e}") from None
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
-    """Build a validated :class:`RunConfig` from an optional YAML file and ``key=value`` overrides."""
+def with_legacy_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved run configuration with :data:`LEGACY_DEFAULTS` filled in where it lacks them (a copy)."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for key, value in LEGACY_DEFAULTS.items():
+        *sections, name = key.split(".")
+        d = data
+        for sec in sections:
+            d = d.setdefault(sec, {})
+        d.setdefault(name, value)
+    return data
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                saved_run: bool = False) -> RunConfig:
+    """Build a validated :class:`RunConfig` from an optional YAML file and ``key=value`` overrides. ``saved_run``:
+    the file is a run's own config.yaml (resuming it): keys it lacks take their :data:`LEGACY_DEFAULTS`."""
     data = read_config_file(path) if path is not None else {}
+    if saved_run:
+        data = with_legacy_defaults(data)
     for item in overrides or []:
         keys, value = parse_override(item)
         _set(data, keys, value)

@@ -4,6 +4,9 @@
     constant  lr
     warmup    lr * min(1, (i + 1) / warmup_steps)
     cosine    the warm-up, then lr * (1 + cos(pi * progress)) / 2 down to 0 at the last optimiser step
+
+Only ``cosine`` is laid out over the run (:data:`OVER_THE_RUN`): its learning rates depend on ``train.steps``, so a
+resumed run may not change it (drpo.training.resume).
 """
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from typing import Callable
 import torch
 
 from drpo.training.config import TrainConfig
+
+
+OVER_THE_RUN = ("cosine",)  # the schedules whose multipliers depend on the run's length (tests/test_trainer.py checks)
 
 
 def schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -30,7 +36,9 @@ def schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 def make_optimizer(params, t: TrainConfig):
-    """AdamW and its LambdaLR schedule over the run's ``steps x minibatches x epochs`` optimiser steps."""
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    """AdamW (its fused kernel with ``train.fused_optimizer``) and its LambdaLR schedule over the run's
+    ``steps x minibatches x epochs`` optimiser steps."""
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
+                                  fused=t.fused_optimizer or None)
     total = max(t.steps * t.minibatches * t.epochs, 1)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(t.schedule, t.warmup_steps, total))

@@ -31,13 +31,11 @@ from drpo.rewards import RewardFailureGuard, get_reward
 from drpo.rollout import Collector, RolloutBatch, build_rollout, require_engine, trainer_precision_
 from drpo.tasks import make_prompts
 from drpo.training.advantages import group_advantages
-from drpo.training.config import RunConfig, dump_config
+from drpo.training.config import ConfigError, RunConfig, dump_config
 from drpo.training.lifecycle import RunCollapsed, RunLifecycle, Terminated, TrainingDiverged, default_out, progress_line
 from drpo.training.logprobs import response_logprobs
 from drpo.training.metrics import Clock, MetricAccumulator
 from drpo.training.optim import make_optimizer
-from drpo.training.threads import apply_thread_policy
-from drpo.utils.memory import keep_freed_memory
 from drpo.utils.seeding import SALT_EVAL_SAMPLING, SALT_MINIBATCH_ORDER, step_seed
 
 
@@ -57,11 +55,6 @@ class LossInputs:
         return {**{k: v[idx].to(device) for k, v in take.items()}, **self.fixed}
 
 
-def _pad_responses(x: torch.Tensor, R: int) -> torch.Tensor:
-    """``x`` (N, r, ...) with zeros appended along the response dimension up to R columns."""
-    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, R - x.shape[1]))
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, notify=print) -> None:
         """Set up a run in ``cfg.out`` (with ``resume``, continue the one there). Everything the configuration
@@ -77,24 +70,15 @@ class Trainer:
 
     def _set_up(self) -> None:
         cfg, t = self.cfg, self.cfg.train
-        self.life.check_config(cfg.model_dump(mode="json"))
-        saved = self.life.checkpoint[1]["state"] if self.life.checkpoint else {}
-        self.threads = self.life.info["threads"] = apply_thread_policy(  # the count it computes with (status.json)
-            cfg.threads, processes=2 if cfg.rollout.staleness else 1, resumed=saved.get("threads"))
-        # the CPU kernels torch dispatches to (e.g. AVX2, AVX512): with another set the sums round differently,
-        # so a run's numbers repeat given seed, thread count and this (status.json, checkpoints)
-        self.cpu_capability = self.life.info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        if saved.get("cpu_capability", self.cpu_capability) != self.cpu_capability:
-            self.notify(f"warning: resuming with {self.cpu_capability} CPU kernels, the run began with "
-                        f"{saved['cpu_capability']}: from here its numbers differ from an uninterrupted run's")
-        keep_freed_memory()  # freed tensors stay in the process for the next step (drpo.utils.memory)
+        # threads, memory policy, CPU kernels: applied, recorded and compared with a resumed run's by the lifecycle
+        env = self.life.begin(cfg.model_dump(mode="json"), cfg.threads, processes=2 if cfg.rollout.staleness else 1)
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
         require_engine(cfg.rollout.engine)  # before the model loads: without vLLM this run cannot start
         self.tokenizer, self.model = load_policy(cfg.model)
         if t.routing_replay and not is_moe(self.model):
-            raise ValueError(f"train.routing_replay=true needs a Mixture-of-Experts model; {cfg.model!r} is dense "
-                             "(try model=builtin-moe)")
+            raise ConfigError(f"train.routing_replay=true needs a Mixture-of-Experts model; {cfg.model!r} is dense "
+                              "(try model=builtin-moe)")
         self.model.to(self.device)
         self.codec = TextCodec.for_model(self.tokenizer, self.model, chat_template=cfg.task.chat_template,
                                          max_prompt_tokens=cfg.task.max_prompt_tokens,
@@ -113,7 +97,7 @@ class Trainer:
         # built from the fp32 weights, before the trainer's own precision
         self.rollout = build_rollout(cfg.rollout, self.model, collector, eos_id=self.tokenizer.eos_token_id,
                                      pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, start_step=self.start_step,
-                                     end_step=t.steps, threads=self.threads, versions=versions)
+                                     end_step=t.steps, threads=env.threads, versions=versions)
         self.autocast_dtype = trainer_precision_(self.model, t.precision, self.device)  # after the engine's copy
         self.model.train()
         (self.life.out / "config.yaml").write_text(dump_config(cfg))
@@ -181,17 +165,18 @@ class Trainer:
         expert choices with the engine's (counted into ``routing``) and, with train.routing_replay,
         uses the engine's. The model runs on the micro-batch's own longest prompt and response
         (:meth:`RolloutBatch.compact`); the outputs are (N, R) again, 0 on the columns it dropped."""
-        R, mb = mb.response_ids.shape[1], mb.compact()
+        full, mb = mb, mb.compact()
         d, given = self.device, mb.routing.to(self.device) if mb.routing is not None else None
         ctx = torch.autocast(d.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
         with ctx, given_routing(self.model, given, replay=self.cfg.train.routing_replay) as stats:
             out = response_logprobs(self.model, mb.prompt_ids.to(d), mb.prompt_mask.to(d), mb.response_ids.to(d),
                                     mb.response_mask.to(d), temperature=self.cfg.rollout.temperature,
                                     chunk_size=self.cfg.train.chunk_size, with_entropy=with_entropy,
-                                    topk_ids=mb.topk_ids.to(d) if mb.topk_ids is not None else None)
+                                    topk_ids=mb.topk_ids.to(d) if mb.topk_ids is not None else None,
+                                    prompt_index=mb.prompt_index.to(d) if self.cfg.train.share_prompts else None)
         if routing is not None:
             routing.add(stats)
-        return tuple(None if x is None else _pad_responses(x, R) for x in out)
+        return tuple(None if x is None else full.pad_responses(x) for x in out)
 
     def micro_batch_loss(self, mb: RolloutBatch, inputs: dict[str, Any], counts: dict[str, float], clock: Clock,
                          routing: Optional[RoutingStats] = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -217,7 +202,7 @@ class Trainer:
         for _ in range(t.epochs):
             perm = rows[torch.randperm(rows.numel(), generator=gen)]
             for mb_rows in perm.chunk(t.minibatches):
-                mb_rows = batch.by_length(mb_rows)  # micro-batches of similar lengths: little padding
+                mb_rows = batch.by_length(mb_rows, by_prompt=t.share_prompts)  # similar lengths: little padding
                 mask_mb = batch.response_mask[mb_rows]
                 counts = {"global_token_count": float(mask_mb.sum()),
                           "global_seq_count": float((mask_mb.sum(-1) > 0).sum())}
@@ -268,18 +253,16 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         """Checkpoint after ``step`` steps (the config saved in it is what --resume compares against)."""
-        state = {"config": self.cfg.model_dump(mode="json"), "threads": self.threads,
-                 "cpu_capability": self.cpu_capability,
-                 "delta": self.objective.params["delta"] if self.cfg.objective.adaptive_delta else None}
-        return self.life.save(step, self.model, self.tokenizer, self.optimizer, self.scheduler, state,
-                              rollout_versions=self.rollout.pending_versions())
+        delta = self.objective.params["delta"] if self.cfg.objective.adaptive_delta else None
+        return self.life.save(step, self.cfg.model_dump(mode="json"), self.model, self.tokenizer, self.optimizer,
+                              self.scheduler, delta=delta, rollout_versions=self.rollout.pending_versions())
 
     def _restore(self) -> tuple[int, dict[int, dict[str, torch.Tensor]]]:
         """Continue from the checkpoint the run's lifecycle found: (its step, the rollout versions it holds)."""
-        step, state, versions = self.life.restore(self.model, self.optimizer, self.scheduler)
-        if state.get("delta") is not None:  # the adaptive delta's value
-            self.objective = self.objective.with_params(delta=state["delta"])
-        return step, versions
+        state, versions = self.life.restore(self.model, self.optimizer, self.scheduler)
+        if state.delta is not None:  # the adaptive delta's value
+            self.objective = self.objective.with_params(delta=state.delta)
+        return state.step, versions
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:

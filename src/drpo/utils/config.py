@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from drpo.utils.errors import UserError
+
 
 class StrictConfig(BaseModel):
     """Unknown keys are errors, and so are NaN / inf floats; assignments are validated too."""
@@ -14,5 +16,5 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, with the dotted key it concerns."""
