@@ -121,4 +121,11 @@ SETTINGS: dict[str, Setting] = {
     "stale1": Setting("FP8 rollout, staleness 1", ("rollout.precision=fp8", "rollout.staleness=1")),
     "vllm_bf16": Setting("vLLM BF16 rollout, synchronous", ("rollout.engine=vllm", "rollout.precision=bf16"),
                          needs_vllm=True),
+    # the real model's study (docs/compare/real/PLAN.md): its learning-rate ladder at the FP8 rollout, and the
+    # staleness rung run only if PG-IS collapses nowhere on the ladder; the run size is the grid file's base
+    **{f"real_lr{fmt_lr(lr)}_fp8": Setting(f"SmolLM2-135M, lr {fmt_lr(lr)}, FP8 rollout",
+                                           ("rollout.precision=fp8", "rollout.staleness=0", f"train.lr={lr:g}"))
+       for lr in (1e-5, 1e-4, 1e-3)},
+    "real_lr1e-3_s4_fp8": Setting("SmolLM2-135M, lr 1e-3, staleness 4, FP8 rollout",
+                                  ("rollout.precision=fp8", "rollout.staleness=4", "train.lr=0.001")),
 }
