@@ -4,8 +4,9 @@
         [--out benchmarks/results/ray_overhead.json]
 
 The quick grid (8 runs of the built-in model, ``--steps`` steps each) runs on both backends, ``--repeats``
-times, alternating which goes first: the local pool with ``--workers`` processes, and Ray tasks on a local
-cluster of ``--workers`` CPUs that this script starts (``ray start --head``) and stops. With one run at a
+times, alternating which goes first: the local pool with ``--workers`` processes, and Ray tasks (at most
+``--workers`` in flight) on a local cluster that this script starts (``ray start --head``) and stops, with
+``--workers`` CPUs or the largest run's request if more (a stale run asks for 2). With one run at a
 time (``--workers 1``, the default) the grid's wall time is the sum of its runs' and the overhead per run is
 (Ray's wall time - the local pool's) / runs; Ray's includes connecting to the cluster and disconnecting
 once per grid (printed on its own too), not starting the cluster (printed apart: a cluster serves many
@@ -28,7 +29,9 @@ import time
 from pathlib import Path
 
 from drpo.experiments import compare
+from drpo.experiments.backends import resources
 from drpo.experiments.grids import build_grid
+from drpo.training.config import load_config
 from drpo.training import run_io
 
 VOLATILE = ("time/", "throughput/")
@@ -69,8 +72,11 @@ def main() -> None:
     grid = build_grid("quick", steps=a.steps)
     n = len(grid.runs)
     temp = tempfile.mkdtemp(prefix="drpo-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    head, address, start_s = start_cluster(a.workers, temp, env)
-    print(f"cluster of {a.workers} CPU(s) started in {start_s:.1f} s; {n} runs of {a.steps} steps per grid", flush=True)
+    # the cluster holds the largest request of any run (a stale run's rollout worker is a second process: twice
+    # its threads), else that run would wait in Ray's queue forever; --workers still caps the runs in flight
+    cpus = max([a.workers] + [int(resources(load_config(None, list(r.overrides)))["num_cpus"]) for r in grid.runs])
+    head, address, start_s = start_cluster(cpus, temp, env)
+    print(f"cluster of {cpus} CPU(s) started in {start_s:.1f} s; {n} runs of {a.steps} steps per grid", flush=True)
     walls: dict[str, list[float]] = {"local": [], "ray": []}
     connect: list[float] = []
     try:
@@ -97,7 +103,7 @@ def main() -> None:
         head.wait(timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
     local, ray_s = statistics.median(walls["local"]), statistics.median(walls["ray"])
-    result = {"runs": n, "steps": a.steps, "workers": a.workers, "repeats": a.repeats, "wall_s": walls,
+    result = {"runs": n, "steps": a.steps, "workers": a.workers, "cluster_cpus": cpus, "repeats": a.repeats, "wall_s": walls,
               "cluster_start_s": round(start_s, 2), "connect_disconnect_s": [round(c, 2) for c in connect],
               "overhead_s_per_run": round((ray_s - local) / n, 2), "same_numbers": same,
               "load_average_1min_at_end": os.getloadavg()[0]}

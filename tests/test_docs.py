@@ -28,7 +28,7 @@ GENERATED = ("docs/compare/",)  # the comparison report, written by `drpo compar
 LANGUAGES = {"python", "bash", "text", "yaml"}
 # why a block may not run here -> the word the paragraph before it must contain
 NOT_RUN = {"needs a GPU": "GPU", "needs a cluster": "cluster", "installs packages": "install",
-           "needs your own": "your own"}
+           "needs your own": "your own", "takes minutes": "minutes"}
 LINKED = ("configs", "examples", "benchmarks", "src", "Makefile", "pyproject.toml", ".venv-vllm")
 VLLM_BIN = ".venv-vllm/bin/"
 
