@@ -38,3 +38,29 @@ def test_a_saved_config_file_without_the_keys_loads_with_their_legacy_values(tmp
     assert not resumed.train.share_prompts and not resumed.train.fused_optimizer
     fresh = load_config(path, [])  # the same file as a config for a new run: today's defaults
     assert fresh.train.share_prompts and fresh.train.fused_optimizer
+
+
+def test_a_grid_run_saved_before_the_keys_is_the_grids_run(tmp_path):
+    """drpo compare's plan: a run made before the keys existed (its config.yaml lacks them) is the run the named
+    grid asks for (the grids pin their legacy values); the same folder holding the new defaults is another run."""
+    from drpo.experiments.grids import build_grid
+    from drpo.experiments.runner import plan, run_config
+    from drpo.training import run_io
+    from drpo.utils.errors import InputError
+
+    run = build_grid("quick").runs[0]
+    run_dir = tmp_path / run.slug
+    run_dir.mkdir(parents=True)
+    data = run_config(run, tmp_path).model_dump(mode="json")
+    for key in LEGACY_DEFAULTS:
+        section, name = key.split(".")
+        del data[section][name]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(data))
+    run_io.write_status(run_dir, "finished", step=12)
+    assert plan(run, tmp_path) == "skip"
+    for key in LEGACY_DEFAULTS:
+        section, name = key.split(".")
+        data[section][name] = True
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError, match="another configuration"):
+        plan(run, tmp_path)
